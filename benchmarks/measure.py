@@ -4,9 +4,8 @@ Each variant's model is built exactly as ``slimtune.trainer.loop.train`` builds 
 (``build_model`` -> ``SHARDERS[shard.strategy]`` engine -> ``build_optimizer`` /
 ``build_scheduler``), and a step is the loop's step for ``grad_accum=1``: forward and
 token-sum loss (``token_loss_sum``), ``engine.backward(loss / tokens)`` inside
-``engine.micro_step``, ``engine.clip_and_step``, ``scheduler.step()``. ``train()`` itself has
-no step function to call, so :func:`train_step` repeats those lines; keep them in sync with the
-loop (the quality runs go through ``train()`` itself).
+``engine.micro_step``, ``engine.clip_and_step``, ``scheduler.step()``: :func:`train_step` calls
+the loop's own ``optimizer_step`` (the quality runs go through ``train()`` itself).
 
 Memory: ``MemoryTracker`` around ``memory_steps`` steps of a freshly built model (the
 optimizer state is created inside the tracked region), with the model and optimizer
@@ -19,7 +18,6 @@ alike; the ratio to LoRA is the median of the per-round ratios.
 """
 from __future__ import annotations
 
-import contextlib
 import gc
 import random
 import time
@@ -92,19 +90,14 @@ def build(name: str, cfg, device: str) -> Built:
 
 
 def train_step(b: Built, batch: dict, tracker=None) -> float:
-    """One optimizer step as ``train()`` does it (grad_accum=1); returns the loss."""
-    from slimtune.trainer.loss import token_loss_sum
+    """One optimizer step through the trainer's own :func:`slimtune.trainer.loop.optimizer_step`
+    (grad_accum=1, one rank), then the scheduler; returns the loss."""
+    from slimtune.trainer.loop import optimizer_step
 
-    phase = tracker.phase if tracker is not None else (lambda name: contextlib.nullcontext())
     n_tok = float(int((batch["labels"][:, 1:] != -100).sum()))
-    with b.engine.micro_step(is_last=True):
-        with phase("forward"):
-            loss_sum, _ = token_loss_sum(b.engine.model, batch)
-        with phase("backward"):
-            b.engine.backward(loss_sum / max(n_tok, 1.0))
-    b.engine.clip_and_step(b.cfg.optim.max_grad_norm)
+    loss_total, _ = optimizer_step(b.engine, [batch], n_tok, b.cfg, phase=tracker.phase if tracker else None)
     b.scheduler.step()
-    return float(loss_sum.detach()) / max(n_tok, 1.0)
+    return float(loss_total) / max(n_tok, 1.0)
 
 
 def release() -> None:

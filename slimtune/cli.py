@@ -110,8 +110,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except Exception as err:  # data/model errors that are the user's to fix
         from slimtune.data import DataError
+        from slimtune.trainer.loop import MemoryPlanError
 
-        if isinstance(err, (DataError, FileNotFoundError)):
+        if isinstance(err, (DataError, FileNotFoundError, MemoryPlanError)):
             print(f"slimtune: {err}", file=sys.stderr)
             return 2
         raise

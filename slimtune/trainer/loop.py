@@ -113,6 +113,60 @@ def _fetch_step_batches(sampler, records, collate_fn, accum: int, device):
     return batches
 
 
+def optimizer_step(engine, batches: list[dict], global_tokens: float, cfg: RunConfig, phase=None):
+    """One optimizer step over ``batches`` (the micro-batches of this rank): forward and backward of
+    each under the engine's ``micro_step`` (gradient sync on the last only), then clipping and
+    the optimizer step.  Returns (this rank's summed token loss as a float64 tensor, grad norm).
+
+    The loss is normalised by ``global_tokens``, the label-token count of the whole step over all
+    ranks, so the gradient is the same for any split into micro-batches and ranks.  ``phase``:
+    an optional ``name -> context manager`` (the memory tracker's) wrapped around forward and
+    backward; the benchmark harness uses it.  The scheduler is the caller's to step."""
+    import contextlib
+
+    from slimtune.trainer.loss import token_loss_sum
+
+    phase = phase or (lambda name: contextlib.nullcontext())
+    loss_total = torch.zeros((), dtype=torch.float64)
+    for i, batch in enumerate(batches):
+        with engine.micro_step(is_last=i == len(batches) - 1):
+            with phase("forward"):
+                loss_sum, _ = token_loss_sum(engine.model, batch, cfg.kernels)
+            with phase("backward"):
+                engine.backward(loss_sum / max(global_tokens, 1.0))
+        loss_total += loss_sum.detach().double()
+    grad_norm = engine.clip_and_step(cfg.optim.max_grad_norm)
+    return loss_total, grad_norm
+
+
+class MemoryPlanError(RuntimeError):
+    """The planner says the run cannot fit the GPU; the message is its table with advice."""
+
+
+def startup_memory_check(cfg: RunConfig, world_size: int, gpu_mem_bytes: int) -> None:
+    """The analytic plan of this run on ``world_size`` GPUs of ``gpu_mem_bytes``; raises
+    :class:`MemoryPlanError` with the planner's table (and its advice) when it does not fit.
+    ``train.skip_memory_check=true`` turns it off (the planner can be wrong for models or
+    settings it does not know)."""
+    if cfg.train.skip_memory_check:
+        return
+    from slimtune.plan import check_fits
+
+    fits, table = check_fits(cfg, world_size, gpu_mem_bytes)
+    if not fits:
+        raise MemoryPlanError(
+            "the memory planner says this run does not fit the GPU (set train.skip_memory_check=true to "
+            "start it anyway):\n" + table)
+    log.info("memory plan: fits %.1f GiB per GPU", gpu_mem_bytes / 2**30)
+
+
+def _gpu_memory_bytes(device) -> int | None:
+    """Total memory of the run's CUDA device; None off CUDA (the check only runs on a GPU)."""
+    if torch.device(device).type != "cuda":
+        return None
+    return torch.cuda.get_device_properties(device).total_memory
+
+
 def train(cfg: RunConfig) -> RunResult:
     from slimtune.data import BatchSampler, build_datasets, collate
     from slimtune.launch import SHARDERS, init_distributed
@@ -121,7 +175,6 @@ def train(cfg: RunConfig) -> RunResult:
     from slimtune.trainer import checkpoint as ckpt
     from slimtune.trainer.evaluate import eval_accuracy, eval_loss
     from slimtune.trainer.export import export_run
-    from slimtune.trainer.loss import token_loss_sum
     from slimtune.trainer.metrics import MetricsLogger
 
     info = init_distributed()
@@ -135,6 +188,11 @@ def train(cfg: RunConfig) -> RunResult:
     data = build_datasets(cfg, model_tokenizer_only)
     if info.is_main:
         log.info("data: %s", data.stats)
+
+    # Before any weight is read: does the run fit this GPU? (analytic plan, instant)
+    gpu_mem = _gpu_memory_bytes(info.device)
+    if gpu_mem is not None:
+        startup_memory_check(cfg, info.world_size, gpu_mem)
 
     pad_id = model_tokenizer_only.pad_token_id
     resume_from = ckpt.resolve_resume(cfg.output.dir, cfg.train.resume)
@@ -194,16 +252,8 @@ def train(cfg: RunConfig) -> RunResult:
             batches = _fetch_step_batches(sampler, data.train, collate_fn, cfg.train.grad_accum, info.device)
             n_tok = torch.tensor([float(sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches))])
             global_tokens = float(all_reduce_sum(n_tok).item())
-            loss_total = torch.zeros((), dtype=torch.float64)
-            for i, batch in enumerate(batches):
-                with engine.micro_step(is_last=i == len(batches) - 1):
-                    loss_sum, _ = token_loss_sum(engine.model, batch, cfg.kernels)
-                    # Normalise by the global label-token count of this optimizer step, so the
-                    # gradient is the same for any split into micro-batches and ranks.
-                    engine.backward(loss_sum / max(global_tokens, 1.0))
-                loss_total += loss_sum.detach().double()
-            lr = scheduler.get_last_lr()[0]  # the lr this step used
-            grad_norm = engine.clip_and_step(cfg.optim.max_grad_norm)
+            lr = scheduler.get_last_lr()[0]  # the lr this step uses
+            loss_total, grad_norm = optimizer_step(engine, batches, global_tokens, cfg)
             scheduler.step()
             step += 1
             steps_this_process += 1

@@ -261,6 +261,11 @@ class GaloreConfig(_Section):
     oversample: int = Field(default=8, ge=0)  # randomized SVD: extra columns beyond rank
     power_iters: int = Field(default=2, ge=0)  # randomized SVD: subspace iterations
     seed: int = 0  # randomized SVD sketch seed (combined with the step)
+    # aligned: after a basis refresh each new singular vector is flipped to point like the previous
+    # basis's (an SVD fixes vectors only up to sign; the moments carried across refreshes would
+    # otherwise depend on LAPACK's sign choice, and sharded and 1-rank runs drift apart);
+    # svd: LAPACK's signs as they come, exactly galore-torch's trajectory (docs/galore.md).
+    basis_sign: Literal["aligned", "svd"] = "aligned"
 
 
 class OptimConfig(_Section):
@@ -326,6 +331,8 @@ class TrainConfig(_Section):
     activation_checkpointing: bool = False
     progress_bar: bool = True
     tensorboard: bool = True
+    # On a GPU, train first runs the analytic memory plan (slimtune plan) for this run and stops with
+    # the planner's table and advice when it cannot fit; true skips that check.
     skip_memory_check: bool = False
     # Stop after this many optimizer steps in this process (testing resume): not a schedule setting.
     stop_after_steps: Optional[int] = Field(default=None, ge=1)

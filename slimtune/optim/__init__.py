@@ -53,7 +53,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 from torch import nn
 
-from slimtune.optim import projector
+from slimtune.optim import projector, sharded
 from slimtune.optim.galore import GaLoreAdamW
 from slimtune.optim.per_layer import PerLayerOptimizer
 
@@ -102,6 +102,8 @@ def _galore_groups(named: NamedParams, ocfg) -> list[dict]:
             "params": projected, "weight_decay": ocfg.weight_decay, "rank": g.rank,
             "update_proj_gap": g.update_proj_gap, "scale": g.scale, "proj_type": g.proj_type,
             "svd": g.svd, "oversample": g.oversample, "power_iters": g.power_iters, "seed": g.seed,
+            # the sign rule of refreshed bases (galore.py); config field requested, default "aligned"
+            "basis_sign": g.basis_sign,
         })
     return groups
 
@@ -201,11 +203,12 @@ def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
     if not named:
         raise ConfigError("the model has no trainable parameters (did method.attach freeze everything?)")
     if spec.projects:
-        if any(type(p).__name__ == "DTensor" for _, p in named):
-            raise ConfigError(
-                f"optim.name={ocfg.name} on sharded (DTensor) parameters is not supported yet: "
-                "GaLore needs whole 2-D gradients; use shard.strategy=none"
-            )
+        for n, p in named:  # FSDP2's row blocks are handled (slimtune.optim.sharded); other layouts are not
+            if sharded.is_sharded(p) and is_galore_target(n, p.shape, ocfg.galore):
+                try:
+                    sharded.check_row_sharded(p, n)
+                except ValueError as e:
+                    raise ConfigError(f"optim.name={ocfg.name}: {e}") from None
         if not any(is_galore_target(n, p.shape, ocfg.galore) for n, p in named):
             raise ConfigError(
                 f"optim.name={ocfg.name} projects no parameter: no trainable 2-D weight has a name part in "
@@ -263,11 +266,12 @@ def clip_grad_norm_(optimizer: torch.optim.Optimizer, max_norm: float) -> torch.
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes of the tensors in ``optimizer.state`` (each storage counted once)."""
+    """Bytes of the tensors in ``optimizer.state`` held by this rank (each storage counted once;
+    for a sharded (DTensor) state tensor, this rank's block)."""
     seen, total = set(), 0
     for param_state in optimizer.state.values():
         for value in _tensors(param_state):
-            storage = value.untyped_storage()
+            storage = sharded.local(value).untyped_storage()  # a DTensor: this rank's block
             key = (storage.data_ptr(), storage.nbytes())
             if key not in seen:
                 seen.add(key)

@@ -10,7 +10,13 @@ galore-torch 1.0, which the tests compare against step by step:
   or ``randomized_basis`` when ``svd="randomized"``).  ``proj_type="std"`` projects on
   the right (``G @ P.T``, P = Vh[:r]) if rows >= cols, else on the left
   (``P.T @ G``, P = U[:, :r]).
+  From the second basis on, each new basis vector's sign is aligned with the previous
+  one (``basis_sign="aligned"``, the default; ``"svd"`` keeps LAPACK's signs exactly as
+  galore-torch): see ``projector.align_signs`` for why.
 * Adam moments live in the projected shape and are *not* reset when P changes.
+* FSDP2 (DTensor row-block parameters): the same update on this rank's rows, with the
+  communication of ``slimtune.optim.sharded`` (all-gather on refresh steps only; per step
+  nothing for right projections, reduce-scatter + all-gather of r x n for left ones).
 * The normalised Adam step is projected back, multiplied by ``scale`` and applied;
   decoupled weight decay ``p -= lr * wd * p`` is applied after the update.
 
@@ -40,6 +46,7 @@ Resume: ``state_dict()`` holds P, the projection side, the step counter and the 
 """
 from __future__ import annotations
 
+import logging
 import math
 from collections import defaultdict
 from copy import deepcopy
@@ -47,7 +54,9 @@ from typing import Any
 
 import torch
 
-from slimtune.optim import projector
+from slimtune.optim import projector, sharded
+
+log = logging.getLogger("slimtune")
 
 _BNB_BLOCK = 256  # bitsandbytes' blockwise optimizer block size (CPU and CUDA kernels)
 
@@ -59,6 +68,9 @@ GALORE_GROUP_DEFAULTS: dict[str, Any] = {
     "oversample": 8,
     "power_iters": 2,
     "seed": 0,
+    # "aligned": flip each new basis vector to point the way the previous one did
+    # (projector.align_signs); "svd": keep LAPACK's signs, exactly as galore-torch.
+    "basis_sign": "aligned",
 }
 
 
@@ -84,6 +96,8 @@ class GaLoreAdamW(torch.optim.Optimizer):
             if "rank" in group:
                 for key, value in GALORE_GROUP_DEFAULTS.items():
                     group.setdefault(key, value)
+                if group["basis_sign"] not in ("aligned", "svd"):
+                    raise ValueError(f"basis_sign must be aligned or svd (got {group['basis_sign']!r})")
                 for p in group["params"]:
                     if p.ndim != 2:
                         raise ValueError(f"GaLore projects 2-D weights only; got a parameter of shape {tuple(p.shape)}")
@@ -109,35 +123,72 @@ class GaLoreAdamW(torch.optim.Optimizer):
             raise RuntimeError("GaLoreAdamW does not support sparse gradients")
         state = self.state[p]
         state.setdefault("step", 0)
-        grad = p.grad
         projected = "rank" in group
-        if projected:
-            grad = self._project(grad, group, state)
+        # Under FSDP2 (DTensor p) everything below works on this rank's row block; the
+        # communication is in slimtune.optim.sharded (see its module doc).
+        grad = self._project(p, group, state) if projected else sharded.local(p.grad)
         state["step"] += 1
         if self.bits == 32:
             self._adam32(p, grad, group, state, projected)
         else:
             self._adam8(p, grad, group, state, projected)
 
-    def _project(self, grad: torch.Tensor, group: dict, state: dict) -> torch.Tensor:
+    def _project(self, p: torch.Tensor, group: dict, state: dict) -> torch.Tensor:
+        """This rank's block of the projected gradient (all of it when p is not sharded)."""
+        grad = p.grad
         if "side" not in state:
             state["side"] = projector.projection_side(grad.shape, group["proj_type"])
         side = state["side"]
         if "basis" not in state or state["step"] % group["update_proj_gap"] == 0:
-            if group["svd"] == "randomized":
-                state["basis"] = projector.randomized_basis(
-                    grad, group["rank"], side, seed=group["seed"], step=state["step"],
-                    oversample=group["oversample"], power_iters=group["power_iters"],
-                )
-            else:
-                state["basis"] = projector.exact_basis(grad, group["rank"], side)
-        return projector.project(grad, state["basis"], side)
+            state["basis"] = self._new_basis(p, group, state, side)
+        low = projector.project(sharded.local(grad), sharded.local(state["basis"]), side)
+        if sharded.is_sharded(p) and side == projector.LEFT:
+            low = sharded.reduce_scatter_rows(low, p)  # sum_k P_k^T G_k, this rank's rows of it
+        return low
+
+    def _new_basis(self, p: torch.Tensor, group: dict, state: dict, side: str) -> torch.Tensor:
+        grad = sharded.full(p.grad) if sharded.is_sharded(p) else p.grad  # all-gather on refresh steps only
+        if group["svd"] == "randomized":
+            basis = projector.randomized_basis(
+                grad, group["rank"], side, seed=group["seed"], step=state["step"],
+                oversample=group["oversample"], power_iters=group["power_iters"],
+            )
+        else:
+            basis = projector.exact_basis(grad, group["rank"], side)
+        if group["basis_sign"] == "aligned" and "basis" in state:
+            previous = state["basis"]
+            previous = sharded.full(previous) if sharded.is_sharded(previous) else previous
+            basis = projector.align_signs(basis, previous, side)
+        if not sharded.is_sharded(p):
+            return basis
+        basis = sharded.agree(basis, p)
+        # right: r x n, replicated (plain tensor); left: m x r, row-sharded like the weight
+        return basis if side == projector.RIGHT else sharded.rows_of(basis, p)
+
+    def _state_shape(self, p: torch.Tensor, group: dict, state: dict) -> tuple[int, ...]:
+        """Whole (unsharded) shape of the moments: the projected shape or the parameter's."""
+        if "rank" in group:
+            return projector.projected_shape(p.shape, group["rank"], state["side"])
+        return tuple(p.shape)
+
+    def _zeros(self, p, like: torch.Tensor, whole_shape, dtype=None) -> torch.Tensor:
+        """A zero state tensor shaped like this rank's ``like``; a Shard(0) DTensor when p is sharded."""
+        z = torch.zeros_like(like, dtype=dtype)
+        return sharded.wrap_rows(z, p, whole_shape) if sharded.is_sharded(p) else z
+
+    def _back(self, p, update: torch.Tensor, group: dict, state: dict) -> torch.Tensor:
+        """The full-shape update of this rank's rows from its block of the projected update."""
+        side = state["side"]
+        if sharded.is_sharded(p) and side == projector.LEFT:
+            update = sharded.all_gather_rows(update, p, self._state_shape(p, group, state))
+        return projector.project_back(update, sharded.local(state["basis"]), side, group["scale"])
 
     def _adam32(self, p, grad, group, state, projected: bool) -> None:
         if "exp_avg" not in state:
-            state["exp_avg"] = torch.zeros_like(grad)
-            state["exp_avg_sq"] = torch.zeros_like(grad)
-        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+            whole = self._state_shape(p, group, state)
+            state["exp_avg"] = self._zeros(p, grad, whole)
+            state["exp_avg_sq"] = self._zeros(p, grad, whole)
+        exp_avg, exp_avg_sq = sharded.local(state["exp_avg"]), sharded.local(state["exp_avg_sq"])
         beta1, beta2 = group["betas"]
         exp_avg.mul_(beta1).add_(grad, alpha=1.0 - beta1)
         exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
@@ -146,10 +197,11 @@ class GaLoreAdamW(torch.optim.Optimizer):
         step_size = group["lr"] * math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t)
         update = exp_avg / denom
         if projected:
-            update = projector.project_back(update, state["basis"], state["side"], group["scale"])
-        p.add_(update, alpha=-step_size)
+            update = self._back(p, update, group, state)
+        w = sharded.local(p)
+        w.add_(update, alpha=-step_size)
         if group["weight_decay"] > 0.0:
-            p.add_(p, alpha=-group["lr"] * group["weight_decay"])
+            w.add_(w, alpha=-group["lr"] * group["weight_decay"])
 
     def _qmap(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         if device not in self._qmaps:
@@ -161,49 +213,72 @@ class GaLoreAdamW(torch.optim.Optimizer):
             )
         return self._qmaps[device]
 
-    def _init_state8(self, grad: torch.Tensor, state: dict) -> None:
-        if grad.numel() < self.min_8bit_size:
-            state["state1"] = torch.zeros_like(grad, dtype=torch.float32)
-            state["state2"] = torch.zeros_like(grad, dtype=torch.float32)
+    def _init_state8(self, p, grad: torch.Tensor, group: dict, state: dict) -> None:
+        """8-bit (codes + absmax per 256) or 32-bit state, decided on the *whole* tensor's size
+        so that every rank and a 1-rank run make the same choice."""
+        whole = self._state_shape(p, group, state)
+        numel = math.prod(whole)
+        is_sharded = sharded.is_sharded(p)
+        world = p.device_mesh.size() if is_sharded else 1
+        use8 = numel >= self.min_8bit_size
+        if use8 and world > 1 and not sharded.blockwise_aligned(whole, world, _BNB_BLOCK):
+            # A shard boundary inside a quantization block: the per-block arithmetic of one
+            # rank could not be reproduced (nor the absmax vector sharded as Shard(0)), so this
+            # tensor keeps exact 32-bit moments instead; rare (needs rows*cols per shard not a
+            # multiple of 256) and reported once.
+            use8 = False
+            log.warning("galore_adamw8bit: state of shape %s does not split into whole 256-blocks over %d ranks; "
+                        "it is kept in 32 bit", tuple(whole), world)
+        if not use8:
+            state["state1"] = self._zeros(p, grad, whole, torch.float32)
+            state["state2"] = self._zeros(p, grad, whole, torch.float32)
             return
-        blocks = math.ceil(grad.numel() / _BNB_BLOCK)
-        state["state1"] = torch.zeros_like(grad, dtype=torch.uint8)
-        state["state2"] = torch.zeros_like(grad, dtype=torch.uint8)
-        state["absmax1"] = torch.zeros(blocks, dtype=torch.float32, device=grad.device)
-        state["absmax2"] = torch.zeros(blocks, dtype=torch.float32, device=grad.device)
+        state["state1"] = self._zeros(p, grad, whole, torch.uint8)
+        state["state2"] = self._zeros(p, grad, whole, torch.uint8)
+        blocks = torch.zeros(math.ceil(grad.numel() / _BNB_BLOCK), dtype=torch.float32, device=grad.device)
+        total = (math.ceil(numel / _BNB_BLOCK),)
+        state["absmax1"] = sharded.wrap_rows(blocks, p, total) if is_sharded else blocks
+        state["absmax2"] = sharded.wrap_rows(blocks.clone(), p, total) if is_sharded else blocks.clone()
 
     def _adam8(self, p, grad, group, state, projected: bool) -> None:
         import bitsandbytes.functional as F
 
         grad = grad.contiguous()
         if "state1" not in state:
-            self._init_state8(grad, state)
+            self._init_state8(p, grad, group, state)
+        s1, s2 = sharded.local(state["state1"]), sharded.local(state["state2"])
         beta1, beta2 = group["betas"]
+        w = sharded.local(p)
         # bitsandbytes updates its ``p`` argument in place; for a projected gradient that
         # is a zero buffer which then holds -lr * (Adam step in the projected space).
-        target = torch.zeros_like(grad, dtype=p.dtype) if projected else p
+        target = torch.zeros_like(grad, dtype=p.dtype) if projected else w
         kernel_wd = 0.0 if projected else group["weight_decay"]
-        if state["state1"].dtype == torch.uint8:
+        if s1.dtype == torch.uint8:
             qmap1, qmap2 = self._qmap(grad.device)
             F.optimizer_update_8bit_blockwise(
-                "adam", grad, target, state["state1"], state["state2"], beta1, beta2, 0.0, 0.0,
-                group["eps"], state["step"], group["lr"], qmap1, qmap2, state["absmax1"], state["absmax2"],
+                "adam", grad, target, s1, s2, beta1, beta2, 0.0, 0.0,
+                group["eps"], state["step"], group["lr"], qmap1, qmap2,
+                sharded.local(state["absmax1"]), sharded.local(state["absmax2"]),
                 weight_decay=kernel_wd, gnorm_scale=1.0,
             )
         else:
             F.optimizer_update_32bit(
-                "adam", grad, target, state["state1"], beta1, group["eps"], state["step"], group["lr"],
-                state["state2"], beta2, 0.0, 0.0, kernel_wd, 1.0,
+                "adam", grad, target, s1, beta1, group["eps"], state["step"], group["lr"],
+                s2, beta2, 0.0, 0.0, kernel_wd, 1.0,
             )
         if projected:
-            p.add_(projector.project_back(target, state["basis"], state["side"], group["scale"]))
+            w.add_(self._back(p, target, group, state))
             if group["weight_decay"] > 0.0:
-                p.add_(p, alpha=-group["lr"] * group["weight_decay"])
+                w.add_(w, alpha=-group["lr"] * group["weight_decay"])
 
     # ------------------------------------------------------------------ resume
     def load_state_dict(self, state_dict: dict) -> None:
-        """Restore groups and state, keeping each state tensor's dtype (uint8 codes stay uint8)."""
-        state_dict = deepcopy(state_dict)
+        """Restore groups and state, keeping each state tensor's dtype (uint8 codes stay uint8).
+
+        Tensors are copied (the optimizer never shares state with the dict it was given) one by
+        one rather than by ``deepcopy`` of the whole dict, which fails on DTensors that
+        ``torch.distributed.checkpoint`` has just loaded into.
+        """
         groups, saved_groups = self.param_groups, state_dict["param_groups"]
         if len(groups) != len(saved_groups) or any(
             len(g["params"]) != len(s["params"]) for g, s in zip(groups, saved_groups)
@@ -215,7 +290,8 @@ class GaLoreAdamW(torch.optim.Optimizer):
         state: defaultdict = defaultdict(dict)
         for saved_id, param_state in state_dict["state"].items():
             p = id_map[saved_id]
-            state[p] = {k: v.to(p.device) if torch.is_tensor(v) else v for k, v in param_state.items()}
+            state[p] = {k: v.detach().to(p.device, copy=True) if torch.is_tensor(v) else deepcopy(v)
+                        for k, v in param_state.items()}
         for g, s in zip(groups, saved_groups):
-            g.update({k: v for k, v in s.items() if k != "params"})
+            g.update({k: deepcopy(v) for k, v in s.items() if k != "params"})
         self.state = state

@@ -118,3 +118,23 @@ def project_back(low: torch.Tensor, basis: torch.Tensor, side: str, scale: float
     """
     full = low @ basis if side == RIGHT else basis @ low
     return full * scale
+
+
+def align_signs(new: torch.Tensor, old: torch.Tensor, side: str) -> torch.Tensor:
+    """``new`` with each basis vector's sign flipped where it points away from the same-index
+    vector of ``old`` (rows of a right basis, columns of a left one).
+
+    An SVD fixes each singular vector only up to sign, and LAPACK's choice jumps under
+    rounding-level changes of the matrix (a 1e-7 relative perturbation of a real gradient
+    flipped one of eight vectors here).  Because GaLore keeps the Adam moments across a
+    refresh, a flipped vector reverses that coordinate's momentum, so the raw-SVD trajectory
+    is not a continuous function of the gradients: two runs that sum the same gradient in a
+    different order (FSDP2's reduce-scatter vs one rank) part after the second refresh.
+    Aligning each new vector with the previous one makes the trajectory independent of the
+    SVD's sign choices (flipping any vector of the first basis flips its moment coordinates
+    and every later aligned vector with it, leaving the updates unchanged) and keeps each
+    momentum coordinate pointing the way it pointed before the refresh.
+    """
+    dots = (new.float() * old.float()).sum(dim=1 if side == RIGHT else 0)
+    flip = torch.where(dots < 0, -1.0, 1.0).to(new.dtype)
+    return new * (flip[:, None] if side == RIGHT else flip[None, :])

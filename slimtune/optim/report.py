@@ -2,6 +2,9 @@
 computed from parameter shapes for LLaMA-7B and Llama-3.1-8B (meta device, nothing allocated).
 
     python -m slimtune.optim.report            # prints the tables quoted in docs/galore.md
+    # per rank under FSDP2 (and the 1-rank run with shard.strategy=none):
+    torchrun --nproc_per_node 2 -m slimtune.optim.report --sharded
+    torchrun --nproc_per_node 1 -m slimtune.optim.report --sharded
 
 Measured = bytes of the tensors in ``optimizer.state`` after real steps
 (``optimizer_state_bytes``); the shape-only figure is ``estimate_state_bytes``, the same
@@ -108,6 +111,65 @@ def from_shapes(model_name: str, ranks=(128, 512, 1024), param_bytes: int = 2) -
     return rows
 
 
+def sharded_state_bytes(steps: int = 6, rank: int = 8) -> dict[str, dict[str, int]]:
+    """Optimizer-state bytes held by this rank after ``steps`` full fine-tuning steps of the
+    distributed tests' tiny Llama (hidden 256, 2 layers, fp32), under FSDP2 when launched on
+    more than one rank and with ``shard.strategy=none`` on one.  Two figures per optimizer:
+    ``tracked`` (the memory tracker's "optimizer" category after the steps) and ``state``
+    (``optimizer_state_bytes``: this rank's blocks of the tensors in ``optimizer.state``)."""
+    from slimtune.launch import SHARDERS, init_distributed
+    from slimtune.memory import MemoryTracker
+    from slimtune.trainer.loop import build_model
+
+    info = init_distributed()
+    out = {}
+    for name in ("adamw", "galore_adamw", "galore_adamw8bit"):
+        cfg = RunConfig(
+            model={"preset": "tiny-llama", "dtype": "float32",
+                   "overrides": {"num_hidden_layers": 2, "hidden_size": 256, "intermediate_size": 512}},
+            method={"name": "full"}, shard={"strategy": "fsdp2" if info.world_size > 1 else "none"},
+            optim={"name": name, "min_8bit_size": 1024, "galore": {"rank": rank, "update_proj_gap": 5}},
+        )
+        torch.manual_seed(0)
+        model, _ = build_model(cfg, info.device)
+        vocab = model.config.vocab_size
+        engine = SHARDERS[cfg.shard.strategy](model, cfg, info, build_optimizer)
+        tracker = MemoryTracker()
+        tracker.register_optimizer(engine.optimizer)
+        ids = torch.randint(0, vocab, (steps, 4, 48), generator=torch.Generator().manual_seed(info.rank))
+        with tracker:
+            for batch in ids:
+                engine.backward(engine.model(input_ids=batch, labels=batch).loss)
+                engine.clip_and_step(1.0)
+        out[name] = {"tracked": tracker.current_breakdown["optimizer"],
+                     "state": optimizer_state_bytes(engine.optimizer)}
+        del engine, model
+    return out
+
+
+def _print_sharded(args) -> None:
+    import json
+
+    import torch.distributed as dist
+
+    mine = sharded_state_bytes()
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    every = [None] * world
+    if world > 1:
+        dist.all_gather_object(every, mine)
+    else:
+        every = [mine]
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(f"optimizer state per rank, {world} rank(s), tiny Llama h=256 2 layers fp32, full fine-tune, GaLore rank 8")
+        for name in mine:
+            figs = ", ".join(f"rank {r}: tracked {e[name]['tracked']:,} B (state {e[name]['state']:,} B)"
+                             for r, e in enumerate(every))
+            print(f"  {name:<18} {figs}")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(every, f, indent=1)
+
+
 def _print(title: str, rows, base: int) -> None:
     print(f"\n{title}")
     for label, *vals in rows:
@@ -119,8 +181,13 @@ def _print(title: str, rows, base: int) -> None:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--small-rank", type=int, default=64)
+    ap.add_argument("--sharded", action="store_true", help="per-rank state under torchrun (FSDP2 on > 1 rank)")
+    ap.add_argument("--json", help="with --sharded: also write every rank's figures here")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
+    if args.sharded:
+        _print_sharded(args)
+        return
     rows = measured_small(args.small_rank)
     _print(f"measured, small GQA Llama (h=256, 4 layers, fp32), GaLore rank {args.small_rank}", rows, rows[0][1])
     print("\ntracked peak of one training step (small GQA Llama, fp32, full fine-tune, batch 1 x 32)")

@@ -76,13 +76,39 @@ def max_param_diff(a, b) -> float:
     return max((x - y).abs().max().item() for x, y in zip(a.parameters(), b.parameters()))
 
 
+def use_sign_rule(opt, basis_sign: str, monkeypatch) -> None:
+    """Set slimtune's basis sign rule; for "aligned", give galore-torch the same rule, written
+    out here: after each refresh, flip every new basis vector (row of a right basis, column of
+    a left one) whose dot product with the previous basis's same vector is negative."""
+    for g in opt.param_groups:
+        if "rank" in g:
+            g["basis_sign"] = basis_sign
+    if basis_sign == "svd":
+        return
+    from galore_torch.galore_projector import GaLoreProjector
+
+    raw = GaLoreProjector.get_orthogonal_matrix
+
+    def aligned(self, weights, rank, type):
+        new = raw(self, weights, rank, type)
+        if self.ortho_matrix is None:
+            return new
+        dim = 1 if type == "right" else 0
+        dots = (new.float() * self.ortho_matrix.float()).sum(dim=dim, keepdim=True)
+        return torch.where(dots < 0, -new, new)
+
+    monkeypatch.setattr(GaLoreProjector, "get_orthogonal_matrix", aligned)
+
+
 # --------------------------------------------------------------------------- vs galore-torch
+@pytest.mark.parametrize("basis_sign", ["svd", "aligned"])
 @pytest.mark.parametrize("proj_type", ["std", "left", "right"])
-def test_galore_adamw_matches_galore_torch(proj_type):
+def test_galore_adamw_matches_galore_torch(proj_type, basis_sign, monkeypatch):
     model = tiny_llama()
     ref = copy.deepcopy(model)
     init = copy.deepcopy(model)
     opt = build_optimizer(model, run_cfg(galore={"proj_type": proj_type}))
+    use_sign_rule(opt, basis_sign, monkeypatch)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ref_opt = galore_torch.GaLoreAdamW(reference_groups(opt, model, ref), lr=1e-3, eps=1e-8,
@@ -103,12 +129,14 @@ def test_galore_adamw_matches_galore_torch(proj_type):
     assert sides == ({"left", "right"} if proj_type == "std" else {proj_type})
 
 
-def test_galore_adamw8bit_matches_galore_torch_8bit(monkeypatch):
+@pytest.mark.parametrize("basis_sign", ["svd", "aligned"])
+def test_galore_adamw8bit_matches_galore_torch_8bit(basis_sign, monkeypatch):
     # galore-torch's 8-bit step calls torch.cuda.synchronize(); there is nothing to wait for on CPU.
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
     model = tiny_llama()
     ref = copy.deepcopy(model)
     opt = build_optimizer(model, run_cfg("galore_adamw8bit"))
+    use_sign_rule(opt, basis_sign, monkeypatch)
     ref_opt = galore_torch.GaLoreAdamW8bit(reference_groups(opt, model, ref), lr=1e-3, eps=1e-8,
                                            weight_decay=0.1, min_8bit_size=256)
     data = batches()
@@ -321,3 +349,51 @@ def test_no_projected_weight_is_a_config_error():
 def test_galore_rejects_non_matrix_in_projected_group():
     with pytest.raises(ValueError, match="2-D"):
         GaLoreAdamW([{"params": [torch.nn.Parameter(torch.zeros(8))], "rank": 2}])
+
+
+@pytest.mark.parametrize("basis_sign", ["aligned", "svd"])
+def test_aligned_sign_rule_makes_the_trajectory_independent_of_svd_signs(basis_sign, monkeypatch):
+    """From the second refresh on, flip every other SVD vector (an equally valid SVD): with
+    "aligned" the parameters do not change (up to rounding), with galore-torch's raw signs they
+    do (the moments kept across a refresh meet a reversed vector)."""
+    def run(flip: bool):
+        model = tiny_llama()
+        opt = build_optimizer(model, run_cfg())
+        use_sign_rule(opt, basis_sign, monkeypatch)
+        projected = sum(len(g["params"]) for g in opt.param_groups if "rank" in g)
+        if flip:
+            exact, calls = projector.exact_basis, [0]
+
+            def flipped(grad, rank, side):
+                basis = exact(grad, rank, side)
+                calls[0] += 1
+                if calls[0] <= projected:  # first refresh: SVD signs as they come
+                    return basis
+                sign = torch.ones(basis.shape[0 if side == projector.RIGHT else 1])
+                sign[::2] = -1.0
+                return basis * (sign[:, None] if side == projector.RIGHT else sign[None, :])
+
+            monkeypatch.setattr(projector, "exact_basis", flipped)
+        train(model, opt, batches(steps=12))  # refreshes at steps 0, 5, 10
+        monkeypatch.setattr(projector, "exact_basis", exact_basis)
+        return model
+
+    exact_basis = projector.exact_basis
+    diff = max_param_diff(run(False), run(True))
+    if basis_sign == "aligned":
+        assert diff <= 1e-6
+    else:
+        assert diff > 1e-4
+
+
+def test_shard_layout_helpers():
+    """torch.chunk row counts per rank, and when blockwise 8-bit state can follow FSDP2's row blocks."""
+    from slimtune.optim import sharded
+
+    for rows, world in [(5, 2), (1, 2), (259, 2), (7, 4), (0, 3)]:
+        assert sharded.chunk_sizes(rows, world) == (
+            [c.shape[0] for c in torch.chunk(torch.zeros(rows), world)] + [0] * world)[:world]
+    assert sharded.blockwise_aligned((256, 8), 2, 256)      # right moments of a 256 x 256 weight, rank 8
+    assert sharded.blockwise_aligned((259, 256), 2, 256)    # odd vocabulary: rows of 256 values
+    assert not sharded.blockwise_aligned((100, 10), 2, 256)  # rank 1 would start mid-block (offset 500)
+    assert not sharded.blockwise_aligned((5, 512), 2, 256)  # blocks 6 + 4, but Shard(0) of 10 blocks is 5 + 5

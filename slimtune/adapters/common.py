@@ -64,12 +64,30 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
-def load_named_tensors(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    """Copy tensors into the model's parameters by qualified name; every name must exist."""
+def load_named_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], assign: bool = False) -> None:
+    """Copy tensors into the model's parameters and buffers (e.g. PaCA / S2FT ``idx``) by qualified
+    name; every name must exist.  ``assign=True`` replaces them instead (a skeleton built on the meta
+    device gets real tensors; parameters keep their ``requires_grad`` and dtype)."""
     named = dict(model.named_parameters())
-    unknown = [k for k in tensors if k not in named]
+    buffers = dict(model.named_buffers())
+    unknown = [k for k in tensors if k not in named and k not in buffers]
     if unknown:
         raise KeyError(f"tensors not in the model: {unknown[:5]}{' ...' if len(unknown) > 5 else ''}")
     with torch.no_grad():
         for k, v in tensors.items():
-            named[k].copy_(v)
+            owner, _, leaf = k.rpartition(".")
+            module = model.get_submodule(owner) if owner else model
+            if k in named:
+                p = named[k]
+                if assign:
+                    setattr(module, leaf, nn.Parameter(v.detach().to(p.dtype), requires_grad=p.requires_grad))
+                else:
+                    p.copy_(v)
+                continue
+            b = buffers[k]
+            if assign:
+                module._buffers[leaf] = v.detach().to(b.dtype)
+            elif b.shape != v.shape:
+                raise ValueError(f"{k}: stored {tuple(v.shape)} does not fit the model's {tuple(b.shape)}")
+            else:
+                b.copy_(v)

@@ -19,11 +19,13 @@ from torch import nn
 
 from slimtune.adapters.common import freeze_all, iter_target_linears, replace_module, selection_generator
 from slimtune.adapters.partial import (
+    COLUMNS,
     base_device,
     column_delta_linear,
     column_lora_factors,
     merge_columns,
     preset_selection,
+    selection_device,
 )
 
 __all__ = ["PacaLinear", "select_columns", "attach", "selections", "lora_factors", "export_peft", "merge"]
@@ -38,13 +40,15 @@ def select_columns(in_features: int, r: int, seed: int, module_name: str) -> tor
 class PacaLinear(nn.Module):
     """A frozen base linear plus a trainable delta on ``r`` of its input columns."""
 
+    axis = COLUMNS  # the slice is of input columns (as an S2FT ``o_proj``): recovery and export read it
+
     def __init__(self, base: nn.Module, idx: torch.Tensor, scale: float = 1.0):
         super().__init__()
         self.base = base
         self.in_features = base.in_features
         self.out_features = base.out_features
         dev = base_device(base)
-        self.register_buffer("idx", idx.to(device=dev, dtype=torch.long))
+        self.register_buffer("idx", idx.to(device=selection_device(base), dtype=torch.long))
         self.delta = nn.Parameter(torch.zeros(self.out_features, len(idx), dtype=torch.float32, device=dev))
         self.scale = float(scale)
 

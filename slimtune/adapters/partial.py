@@ -45,13 +45,24 @@ __all__ = [
     "column_lora_factors",
     "row_lora_factors",
     "base_device",
+    "selection_device",
     "SELECTION_BUFFER",
+    "DELTA_PARAM",
+    "COLUMNS",
+    "ROWS",
+    "slice_axes",
+    "selection_state",
+    "selections_from_state",
+    "load_selections",
+    "recover_slice",
     "preset_selections",
     "preset_selection",
     "has_presets",
 ]
 
 SELECTION_BUFFER = "idx"  # the buffer holding a wrapped module's selected columns / rows
+DELTA_PARAM = "delta"  # the trainable parameter of a wrapped module
+COLUMNS, ROWS = "in", "out"  # a module's ``axis``: its slice is of input columns or of output rows
 _PRESETS: list[dict[str, torch.Tensor]] = []
 
 
@@ -111,6 +122,98 @@ def base_device(base: nn.Module) -> torch.device:
     for t in list(base.parameters()) + list(base.buffers()):
         return t.device
     return torch.device("cpu")
+
+
+def selection_device(base: nn.Module) -> torch.device:
+    """Where a wrapped module keeps its ``idx``: with the base, except on the meta device, where the
+    indices stay real on the CPU.  A skeleton built on meta (export of a sharded run, LoRAM recovery
+    from a checkpoint) then still knows which columns / rows were trained: a selection derived from
+    (seed, module name, shapes) needs no weights.  (``model.to_empty`` would overwrite it: load
+    ``idx`` after, as every caller here does.)"""
+    dev = base_device(base)
+    return torch.device("cpu") if dev.type == "meta" else dev
+
+
+# --------------------------------------------------------------------------- selections as state
+def slice_axes(model: nn.Module) -> dict[str, str]:
+    """``{module name: COLUMNS | ROWS}`` of every wrapped module with a selection (PaCA, S2FT)."""
+    return {n: m.axis for n, m in model.named_modules()
+            if SELECTION_BUFFER in m._buffers and hasattr(m, "axis") and hasattr(m, DELTA_PARAM)}
+
+
+def selection_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``{"<module>.idx": indices}`` (CPU, int64) of every wrapped module: what checkpoints store next
+    to the deltas so that a resume or an export uses the trained selections, not re-derived ones."""
+    return {f"{n}.{SELECTION_BUFFER}": model.get_submodule(n).idx.detach().to("cpu", torch.long).clone()
+            for n in slice_axes(model)}
+
+
+def selections_from_state(state) -> dict[str, torch.Tensor]:
+    """``{module name: idx}`` of the ``<module>.idx`` entries of a state (checkpoint, gathered export)."""
+    suffix = "." + SELECTION_BUFFER
+    out = {}
+    for k, v in state.items():
+        if not k.endswith(suffix):
+            continue
+        if v.is_floating_point():  # e.g. a state passed through ``.float()``: indices must stay integral
+            if not torch.equal(v, v.round()):
+                raise ValueError(f"{k}: selection indices are not integers")
+        out[k[: -len(suffix)]] = v.detach().to("cpu", torch.long)
+    return out
+
+
+@torch.no_grad()
+def load_selections(model: nn.Module, selections: dict[str, torch.Tensor]) -> None:
+    """Overwrite the ``idx`` of wrapped modules with stored ones (resume).  Each count must match:
+    the delta's shape was made for it."""
+    axes = slice_axes(model)
+    unknown = sorted(set(selections) - set(axes))
+    if unknown:
+        raise KeyError(f"stored selections for modules that have none in this model: {unknown[:5]}")
+    for name, idx in selections.items():
+        buf = model.get_submodule(name).idx
+        if buf.shape != idx.shape:
+            raise ValueError(f"{name}: stored selection has {idx.numel()} indices, the model {buf.numel()}")
+        buf.copy_(idx.to(buf.device, buf.dtype))
+
+
+def recover_slice(axis: str, idx: torch.Tensor, delta: torch.Tensor, rows, cols,
+                  shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A slice trained on a structurally pruned weight, in the original weight's coordinates.
+
+    ``rows`` / ``cols``: the original indices of the pruned weight's rows / columns (None = not
+    pruned); ``shape``: the original (out, in).  Columns (``delta`` out' x k): the selected columns
+    become ``cols[idx]`` and the delta's rows land at ``rows`` (zero at pruned rows).  Rows
+    (``delta`` k x in'): the selected rows become ``rows[idx]``, the delta's columns land at
+    ``cols``.  Either way the original update restricted to (rows, cols) equals the pruned
+    update and is zero at every pruned row and column."""
+    n_out, n_in = shape
+    idx = idx.detach().to("cpu", torch.long)
+    delta = delta.detach()
+    r = None if rows is None else torch.as_tensor(rows, dtype=torch.long)
+    c = None if cols is None else torch.as_tensor(cols, dtype=torch.long)
+    if axis == COLUMNS:
+        select, scatter, along = c, r, 0
+        kept_sel, kept_other = (n_in if c is None else len(c)), (n_out if r is None else len(r))
+        want = (kept_other, len(idx))
+    elif axis == ROWS:
+        select, scatter, along = r, c, 1
+        kept_sel, kept_other = (n_out if r is None else len(r)), (n_in if c is None else len(c))
+        want = (len(idx), kept_other)
+    else:
+        raise ValueError(f"axis must be {COLUMNS!r} or {ROWS!r}, got {axis!r}")
+    if tuple(delta.shape) != want:
+        raise ValueError(f"delta {tuple(delta.shape)} does not fit {len(idx)} selected {axis} indices of a pruned "
+                         f"weight with {kept_other} kept {'rows' if axis == COLUMNS else 'columns'} (expected {want})")
+    if len(idx) and (int(idx.min()) < 0 or int(idx.max()) >= kept_sel):
+        raise ValueError(f"selection indices out of range for the {kept_sel} kept {axis} indices")
+    new_idx = idx if select is None else select[idx]
+    if scatter is None:
+        return new_idx, delta.clone()
+    full_shape = (n_out, len(idx)) if axis == COLUMNS else (len(idx), n_in)
+    full = delta.new_zeros(full_shape)
+    full.index_copy_(along, scatter.to(delta.device), delta)
+    return new_idx, full
 
 
 class _ColumnDelta(torch.autograd.Function):

@@ -49,6 +49,8 @@ from torch import nn
 
 from slimtune.adapters.common import freeze_all, is_base_linear, replace_module, selection_generator
 from slimtune.adapters.partial import (
+    COLUMNS,
+    ROWS,
     base_device,
     column_delta_linear,
     column_lora_factors,
@@ -58,6 +60,7 @@ from slimtune.adapters.partial import (
     preset_selection,
     row_delta_linear,
     row_lora_factors,
+    selection_device,
 )
 
 __all__ = [
@@ -73,7 +76,7 @@ __all__ = [
 ]
 
 O_PROJ, V_PROJ, DOWN_PROJ, UP_PROJ = "o_proj", "v_proj", "down_proj", "up_proj"
-IN, OUT = "in", "out"  # axis of the slice: input columns or output rows
+IN, OUT = COLUMNS, ROWS  # axis of the slice: input columns or output rows
 
 
 class S2ftLinear(nn.Module):
@@ -90,7 +93,7 @@ class S2ftLinear(nn.Module):
         self.axis = axis
         self.scale = float(scale)
         dev = base_device(base)
-        self.register_buffer("idx", idx.to(device=dev, dtype=torch.long))
+        self.register_buffer("idx", idx.to(device=selection_device(base), dtype=torch.long))
         shape = (self.out_features, len(idx)) if axis == IN else (len(idx), self.in_features)
         self.delta = nn.Parameter(torch.zeros(shape, dtype=torch.float32, device=dev))
 

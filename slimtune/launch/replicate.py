@@ -95,14 +95,23 @@ class ReplicatedEngine:
         from safetensors.torch import save_file
 
         if self.info.is_main:
+            from slimtune.adapters.partial import selection_state
+
             state = {n: t.detach().contiguous().cpu() for n, t in self.trainable_state_dict().items()}
+            state.update(selection_state(self.model))  # PaCA/S2FT idx: a scored selection is not re-derivable
             save_file(state, str(folder / "trainable.safetensors"))
             torch.save(self.optimizer.state_dict(), folder / "optimizer.pt")
 
     def load_state(self, folder) -> None:
         from safetensors.torch import load_file
 
-        self.load_trainable_state_dict(load_file(str(folder / "trainable.safetensors"), device=str(self.info.device)))
+        from slimtune.adapters.partial import load_selections, selections_from_state
+
+        tensors = load_file(str(folder / "trainable.safetensors"), device=str(self.info.device))
+        selections = selections_from_state(tensors)
+        load_selections(self.model, selections)
+        self.load_trainable_state_dict({k: v for k, v in tensors.items()
+                                        if not (k.endswith(".idx") and k[: -len(".idx")] in selections)})
         self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location=self.info.device, weights_only=False))
 
     def unwrapped(self) -> nn.Module:

@@ -2,10 +2,12 @@
 
 * ``none`` (replicated): ``trainable.safetensors`` + ``optimizer.pt`` written by rank 0.
 * ``fsdp2``: a ``torch.distributed.checkpoint`` (DCP) folder ``dcp/`` holding
-  ``{"model": trainable tensors by FQN, "optim": optimizer state by FQN}``, each rank
+  ``{"model": trainable tensors and buffers (so also ``<module>.idx``) by FQN, "optim": optimizer
+  state by FQN}``, each rank
   writing its own shards.  DCP's load plans reshard, so N ranks' checkpoint loads on M.
-* ``deepspeed_zero3``: ``trainable.safetensors`` (full fp32 trainable tensors) and
-  ``optimizer_full.pt`` (full optimizer state by FQN), gathered and written by rank 0.
+* ``deepspeed_zero3``: ``trainable.safetensors`` (full fp32 trainable tensors, and the PaCA /
+  S2FT selections ``<module>.idx`` as int64) and ``optimizer_full.pt`` (full optimizer state by
+  FQN), gathered and written by rank 0.
   Independent of the number of ranks, so it also loads on M ranks.
 
 :func:`read_trainable_tensors` returns the trained tensors (full, by FQN) of any of them

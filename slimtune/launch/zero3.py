@@ -22,6 +22,7 @@
   their optimizer state (``safe_get_full_fp32_param`` / ``safe_get_full_optimizer_state``)
   are gathered, parameter by parameter, and rank 0 writes them by FQN; on load every rank
   reads them and keeps its partition (``safe_set_full_*``).  So N ranks resume on M.
+  PaCA / S2FT selections (``<module>.idx``) are written with them and restored on load.
 * Evaluation and generation run on all ranks together (each forward gathers layers):
   the loop's ``generate`` calls pass ``synced_gpus``.
 """
@@ -249,8 +250,14 @@ class ZeRO3Engine:
     def save_state(self, folder: Path) -> None:
         from safetensors.torch import save_file
 
+        from slimtune.adapters.partial import selection_state
+
         tensors, states, scalars = self._gather_full()
         if self.info.is_main:
+            # PaCA / S2FT selections (``<module>.idx``, int64) beside their deltas: ZeRO does not partition
+            # buffers, so rank 0's are the run's.  A resume must not re-derive them (a score computed again
+            # may break a tie differently, or the config may have changed): load_state puts these back.
+            tensors.update(selection_state(self.module))
             save_file(tensors, str(Path(folder) / TRAINABLE_FILE))
             torch.save({"state": states, "scalars": scalars, "world_size": self.info.world_size},
                        Path(folder) / OPTIM_FILE)
@@ -269,6 +276,9 @@ class ZeRO3Engine:
         missing = [n for n, _ in self.named if n not in tensors]
         if missing:
             raise KeyError(f"{folder}: checkpoint lacks trainable parameters: {missing[:5]}")
+        from slimtune.adapters.partial import load_selections, selections_from_state
+
+        load_selections(self.module, selections_from_state(tensors))  # every rank: buffers are whole
         params = [p for _, p in self.named]
         # the model's own (compute-dtype) partitions: rank 0 writes the whole tensors, ZeRO re-partitions them
         with deepspeed.zero.GatheredParameters(params, modifier_rank=0):

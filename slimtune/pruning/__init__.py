@@ -10,6 +10,10 @@ The run flow (``trainer.loop.build_model``)::
     ... train; save prune_map with every checkpoint (prune_map.save(folder)) ...
     export_recovered(model, cfg, prune_map, out_dir / "recovered")   # PEFT folder, original shapes
 
+The method is any of ``METHODS`` with an adapter form: LoRA factors, PaCA columns and S2FT
+heads / channels chosen on the pruned model are all recovered to original coordinates
+(``recover.py``).
+
 ``PRUNERS[strategy](model, cfg, batches=None) -> PruneMap | None`` is the one table of
 pruning strategies; ``batches`` are the calibration batches of
 :func:`calibration_batches` (needed by ``importance: taylor`` and ``wanda``).
@@ -28,9 +32,15 @@ from slimtune.pruning.recover import (
     RECOVERED_DIR,
     build_recovered_model,
     export_recovered,
+    pruned_skeleton,
     recover_lora_state,
     recover_run,
+    recover_state,
+    recovered_state_from,
+    recovered_state_of,
+    trained_state,
     write_recovered,
+    write_recovered_state,
 )
 from slimtune.pruning.structured import apply_structured, select
 
@@ -135,6 +145,7 @@ def load_pruned_model(cfg, device="cpu", prune_map: Optional[PruneMap] = None):
 __all__ = [
     "PRUNERS", "PruneMap", "LayerPrune", "RECOVERED_DIR", "align", "apply_prune_map", "build_recovered_model",
     "calibration_batches",
-    "export_recovered", "importance_of", "load_pruned_model", "model_dims", "prune_shapes", "prune_model", "recover_lora_state", "recover_run",
-    "write_recovered",
+    "export_recovered", "importance_of", "load_pruned_model", "model_dims", "prune_shapes", "prune_model",
+    "pruned_skeleton", "recover_lora_state", "recover_run", "recover_state", "recovered_state_from",
+    "recovered_state_of", "trained_state", "write_recovered", "write_recovered_state",
 ]

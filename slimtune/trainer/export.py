@@ -33,7 +33,9 @@ def export_run(model: nn.Module, tokenizer, cfg, out_dir: Path, info, prune_map=
             if cfg.quant.name == "none" and prune_map is None:
                 save_merged(model, tokenizer, cfg, folder)  # in place: nothing uses the model after this
             else:  # fold the update into the original dense weights, not the 4-bit / pruned ones
-                trainable = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+                from slimtune.pruning import trained_state
+
+                trainable = trained_state(model)  # with PaCA/S2FT selections (a scored one is not re-derivable)
                 merge_into_dense(cfg, trainable, folder, prune_map)
             written["merged"] = str(folder)
     barrier()

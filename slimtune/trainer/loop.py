@@ -303,7 +303,6 @@ def _recover_and_evaluate(model, tokenizer, cfg, prune_map, out_dir, info, data,
     """LoRAM's last stage: recover the trained (pruned-shape) adapter to the original model, write it
     as a PEFT folder, and evaluate the *original, unpruned* model with it, logged beside the pruned
     model's figures (keys ``recovered_eval_loss`` / ``recovered_eval_accuracy``)."""
-    from slimtune.adapters.lora import lora_state
     from slimtune.launch.dist import barrier, broadcast_object
     from slimtune.pruning import build_recovered_model, export_recovered
     from slimtune.trainer.evaluate import eval_accuracy, eval_loss
@@ -311,7 +310,9 @@ def _recover_and_evaluate(model, tokenizer, cfg, prune_map, out_dir, info, data,
     state = None
     if info.is_main:
         export_recovered(model, cfg, prune_map, out_dir / "recovered", tokenizer)
-        state = {k: v.detach().float().cpu() for k, v in lora_state(model).items()}
+        from slimtune.pruning import trained_state
+
+        state = trained_state(model)
     barrier()
     if not (cfg.pruning.eval_recovered and (data.eval or data.eval_prompts)):
         return {}

@@ -2,6 +2,8 @@
 -> NF4 (QLoRAM) -> LoRA -> train -> recover -> PEFT on the *original* model."""
 from __future__ import annotations
 
+import math
+
 import copy
 from pathlib import Path
 
@@ -103,3 +105,65 @@ def test_tiny_loram_config_through_the_trainer(tmp_path):
     peft_model = PeftModel.from_pretrained(original, str(recovered))
     up = peft_model.base_model.model.model.layers[1].mlp.up_proj
     assert up.lora_B["default"].weight.shape == (352, cfg.method.lora.r)
+
+
+@pytest.mark.parametrize("config", ["tiny_loram_paca.yaml", "tiny_loram_s2ft.yaml"])
+def test_tiny_loram_partial_run_recovers_to_the_original_model(tmp_path, config):
+    """LoRAM + PaCA / S2FT through the trainer: selections made on the pruned model; ``slimtune
+    recover`` turns the checkpoint into a PEFT adapter for the *original* model (the same as the one
+    written at the end of the run), PEFT reproduces the logits of slimtune's recovered model, and
+    ``slimtune merge`` folds the same update into the original weights."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    from slimtune.cli import main
+    from slimtune.models import load_model
+    from slimtune.pruning import PruneMap, build_recovered_model
+    from slimtune.launch.state import read_trainable_tensors
+    from slimtune.trainer import checkpoint as ckpt
+    from slimtune.trainer.loop import train
+    from transformers import AutoModelForCausalLM
+
+    cfg = load_config(REPO / "configs" / config,
+                      FAST[:-3] + [f"output.dir={tmp_path / 'run'}", "train.max_steps=3", "optim.warmup_steps=1",
+                                   "train.save_every=3", "train.eval_every=0", "data.eval_generate_records=4"])
+    result = train(cfg)
+    assert result.losses[-1] < result.losses[0]
+    # the trainer scored the original model with the recovered selections and deltas
+    assert math.isfinite(result.eval["recovered"]["recovered_eval_loss"])
+    run = tmp_path / "run"
+    last = ckpt.latest_checkpoint(run)
+    pm = PruneMap.load(last)
+    assert sorted(pm.layers) == [1]
+    assert main(["recover", "--run", str(run), "--out", str(tmp_path / "cli")]) == 0
+    at_end, from_cli = (load_file(str(d / "adapter_model.safetensors")) for d in (run / "recovered", tmp_path / "cli"))
+    assert at_end.keys() == from_cli.keys()
+    for k, v in at_end.items():
+        torch.testing.assert_close(v, from_cli[k])
+    # the pruned adapter (pruned shapes) and the recovered one hold the same update on the kept block
+    pruned = load_file(str(run / "pruned_adapter" / "adapter_model.safetensors"))
+    compared = 0
+    for name, (rows, cols, _) in pm.module_indices().items():
+        key = f"base_model.model.{name}"
+        if f"{key}.lora_A.weight" not in pruned:
+            continue
+        compared += 1
+        dw_p = pruned[f"{key}.lora_B.weight"] @ pruned[f"{key}.lora_A.weight"]
+        dw = from_cli[f"{key}.lora_B.weight"] @ from_cli[f"{key}.lora_A.weight"]
+        r = torch.arange(dw.shape[0]) if rows is None else torch.tensor(rows)
+        c = torch.arange(dw.shape[1]) if cols is None else torch.tensor(cols)
+        torch.testing.assert_close(dw[r][:, c], dw_p)
+        assert dw.abs().sum() == pytest.approx(float(dw_p.abs().sum()), rel=1e-5)  # nothing outside the block
+    assert compared >= 3  # pruned attention and MLP linears were trained
+
+    original, tok = load_model(cfg.model)
+    ids = torch.tensor([tok.encode("12+34=56")])
+    ours, _ = build_recovered_model(cfg, pm, read_trainable_tensors(last))
+    assert main(["merge", "--run", str(run), "--out", str(tmp_path / "merged")]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged")).eval()
+    with torch.no_grad():
+        base_logits = original(input_ids=ids).logits
+        peft_logits = PeftModel.from_pretrained(original, str(tmp_path / "cli")).eval()(input_ids=ids).logits
+        torch.testing.assert_close(peft_logits, ours(input_ids=ids).logits, atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(merged(input_ids=ids).logits, peft_logits, atol=2e-5, rtol=1e-5)
+    assert not torch.allclose(peft_logits, base_logits)  # the trained update reaches the original model

@@ -82,6 +82,22 @@ def saved_bytes(fn, exclude: list[torch.Tensor]) -> int:
     return sum(seen.values())
 
 
+def tracked_activation_bytes(module: nn.Module, x: torch.Tensor) -> int:
+    """The same quantity by the project's memory tracker (DESIGN rule 5): bytes in category
+    ``activations`` (what autograd saves for backward) after ``fn`` ran, the module's parameters
+    and buffers registered as weights / trainable."""
+    from slimtune.memory import MemoryTracker
+
+    h = x * 1.0  # an upstream activation (not a leaf: the tracker takes leaves needing grad for parameters)
+    tracker = MemoryTracker()
+    tracker.register_model(module)
+    with tracker:
+        out = module(h)
+        nbytes = tracker.current_breakdown["activations"]
+    del out
+    return nbytes
+
+
 def _set_random_deltas(model, scale=0.05):
     g = torch.Generator().manual_seed(5)
     with torch.no_grad():
@@ -203,6 +219,9 @@ def test_saved_bytes_vs_lora_of_equal_budget(n_in, n_out, r_lora):
     assert b_lora == n_tok * (n_in + r_lora) * 4  # x for dA, x@A^T for dB
     assert b_paca == n_tok * r_paca * 4  # only x[..., idx]
     assert b_paca / b_lora == pytest.approx(r_paca / (n_in + r_lora))
+    # the project's memory tracker counts the same bytes as activations, so the same ratio
+    t_lora, t_paca = tracked_activation_bytes(lora_layer, x), tracked_activation_bytes(pl, x)
+    assert (t_lora, t_paca) == (b_lora, b_paca)
 
 
 # --------------------------------------------------------------------------- selection

@@ -388,13 +388,6 @@ class RunConfig(_Section):
                 "needs the whole layer (and calibration data) to choose what to keep; set shard.low_memory_load=false "
                 "(a cached aligned LoRAM model is loaded without reading the original weights anyway)"
             )
-        if self.kernels.enabled and self.shard.strategy == "deepspeed_zero3":
-            raise ValueError(
-                "kernels.enabled=true is not supported with shard.strategy=deepspeed_zero3 yet: the fused linears "
-                "read the base and adapter weights directly, and under ZeRO-3 those are empty partitions outside "
-                "DeepSpeed's own forward hooks; use shard.strategy=fsdp2 (where the fused loss and linears are "
-                "tested) or kernels.enabled=false"
-            )
         galore = self.optim.name.startswith("galore")
         if (galore or self.optim.per_layer) and self.shard.strategy == "deepspeed_zero3":
             raise ValueError(

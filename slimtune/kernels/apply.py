@@ -43,7 +43,7 @@ from slimtune.kernels.nf4 import (
 
 log = logging.getLogger(__name__)
 
-__all__ = ["apply", "fused_lora_forward", "fused_column_forward", "gathered_params"]
+__all__ = ["apply", "fused_lora_forward", "fused_column_forward", "gathered_params", "gathered_zero3"]
 
 
 def _zero3(module: nn.Module) -> bool:
@@ -56,10 +56,25 @@ def gathered_params(module: nn.Module) -> Iterator[None]:
     if not _zero3(module):
         yield
         return
+    with gathered_zero3(list(module.parameters(recurse=False))):
+        yield
+
+
+def gathered_zero3(params: list[Tensor]) -> contextlib.AbstractContextManager:
+    """``deepspeed.zero.GatheredParameters`` over those of ``params`` that are ZeRO-3 partitions
+    not available now (read-only: ``modifier_rank=None``); they are partitioned again on exit.
+
+    A parameter ZeRO-3 already holds whole -- fetched by its own module hooks (a backward after
+    the module's forward ran, a recompute under activation checkpointing) or persistent (smaller
+    than ``stage3_param_persistence_threshold``) -- is read as it is: ``GatheredParameters``
+    would partition it on exit, under the hook that is still using it (DeepSpeed refuses to free
+    a parameter active in a submodule), or drop a persistent parameter's whole copy."""
+    absent = [p for p in params if hasattr(p, "ds_id") and p.ds_status.name == "NOT_AVAILABLE"]
+    if not absent:
+        return contextlib.nullcontext()
     import deepspeed
 
-    with deepspeed.zero.GatheredParameters(list(module.parameters(recurse=False)), modifier_rank=None):
-        yield
+    return deepspeed.zero.GatheredParameters(absent, modifier_rank=None)
 
 
 def _parts(base: nn.Module) -> Optional[NF4Parts]:

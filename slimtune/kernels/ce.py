@@ -25,8 +25,9 @@ Llama-3-70B at 4096 tokens: 131 MB of fp32 logits instead of 2.1 GB).
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
-from typing import Iterator, Optional
+from typing import Callable, ContextManager, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -50,7 +51,7 @@ def _logits(h: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
 
 class _ChunkedLinearCE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, ignore_index: int, chunk: int):
+    def forward(ctx, hidden, weight, bias, labels, ignore_index: int, chunk: int, regather=None):
         n = hidden.shape[0]
         loss = hidden.new_zeros((), dtype=torch.float32)
         lse = hidden.new_empty(n, dtype=torch.float32)
@@ -64,12 +65,18 @@ class _ChunkedLinearCE(torch.autograd.Function):
             del logits
             lse[s:e] = lse_c
             loss = loss + torch.where(valid, lse_c - tgt, 0.0).sum()
-        ctx.ignore_index, ctx.chunk = ignore_index, chunk
+        ctx.ignore_index, ctx.chunk, ctx.regather = ignore_index, chunk, regather
         ctx.save_for_backward(hidden, weight, bias, labels, lse)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
+        # ZeRO-3: the saved weight is the partitioned parameter itself, whole only while gathered
+        with ctx.regather() if ctx.regather is not None else contextlib.nullcontext():
+            return _ChunkedLinearCE._backward(ctx, grad_loss)
+
+    @staticmethod
+    def _backward(ctx, grad_loss):
         hidden, weight, bias, labels, lse = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         n, chunk = hidden.shape[0], ctx.chunk
@@ -93,7 +100,7 @@ class _ChunkedLinearCE(torch.autograd.Function):
             if need_b:
                 gb.add_(gl.float().sum(0))
         return (gh, None if gw is None else gw.to(weight.dtype), None if gb is None else gb.to(bias.dtype),
-                None, None, None)
+                None, None, None, None)
 
 
 def liger_usable(t: Tensor) -> bool:
@@ -143,11 +150,16 @@ def linear_cross_entropy(
     reduction: str = "sum",
     bias: Optional[Tensor] = None,
     chunk_tokens: Optional[int] = None,
+    regather: Optional[Callable[[], ContextManager]] = None,
 ):
     """``(loss, n_tokens)``: cross-entropy of ``hidden @ weight.T (+ bias)`` against ``labels``
     (already aligned with ``hidden``: shift before calling), never holding more than one
     chunk of logits. ``reduction``: ``"sum"`` (the trainer's convention) or ``"mean"`` (over
-    non-ignored tokens). ``n_tokens`` is an int (a 0-dim tensor for fake labels)."""
+    non-ignored tokens). ``n_tokens`` is an int (a 0-dim tensor for fake labels).
+
+    ``regather``: for a weight that is whole only inside a context (a ZeRO-3 parameter under
+    ``GatheredParameters``), a factory of that context; the chunked path's backward, which
+    recomputes the logits, re-enters it (Liger's path needs no weight in backward)."""
     if reduction not in ("sum", "mean"):
         raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
     h = hidden.reshape(-1, hidden.shape[-1])
@@ -159,13 +171,32 @@ def linear_cross_entropy(
         loss = _liger_sum(h, weight, bias, lab, ignore_index)
     else:
         chunk = chunk_tokens or chunk_tokens_for(h.shape[0], weight.shape[0], weight.shape[1])
-        loss = _ChunkedLinearCE.apply(h, weight, bias, lab, int(ignore_index), int(chunk))
+        loss = _ChunkedLinearCE.apply(h, weight, bias, lab, int(ignore_index), int(chunk), regather)
     if reduction == "mean":
         loss = loss / max(n_tokens, 1) if isinstance(n_tokens, int) else loss / n_tokens.clamp(min=1)
     return loss, n_tokens
 
 
 # --------------------------------------------------------------------------- sharded lm_head
+def _zero3_params(module: nn.Module) -> Optional[list[Tensor]]:
+    """A linear head's DeepSpeed ZeRO-3 parameters (weight, bias), or None when ZeRO-3 does not partition it."""
+    weight, bias = module.weight, getattr(module, "bias", None)
+    if not hasattr(weight, "ds_id"):
+        return None
+    if weight.requires_grad or (bias is not None and bias.requires_grad):
+        raise NotImplementedError(
+            "the fused loss reads lm_head's weight outside its forward; under ZeRO-3 a trainable lm_head "
+            "gets no gradient that way: use kernels.fused_loss=false (or freeze lm_head)"
+        )
+    return [p for p in (weight, bias) if p is not None]
+
+
+def _zero3_gather(params: list[Tensor]) -> ContextManager:
+    from slimtune.kernels.apply import gathered_zero3
+
+    return gathered_zero3(params)
+
+
 @contextlib.contextmanager
 def gathered_weight(module: nn.Module) -> Iterator[tuple[Tensor, Optional[Tensor]]]:
     """``(weight, bias)`` of a linear head as full tensors, whatever shards it.
@@ -175,22 +206,16 @@ def gathered_weight(module: nn.Module) -> Iterator[tuple[Tensor, Optional[Tensor
       (After the root module's forward FSDP2 leaves the root's parameters -- the head's
       among them -- unsharded, and then the plain tensor is used as it is.)
     * DeepSpeed ZeRO-3: the partitioned parameter is gathered for the block
-      (``deepspeed.zero.GatheredParameters``) and partitioned again after it. ZeRO-3 only
+      (``deepspeed.zero.GatheredParameters``) and partitioned again after it (unless ZeRO-3
+      holds it whole already: :func:`slimtune.kernels.apply.gathered_zero3`). ZeRO-3 only
       reduces gradients it sees through module hooks, so a trainable head is refused here:
       compute that loss through the module (``token_loss_sum``).
     """
     weight = module.weight
     bias = getattr(module, "bias", None)
-    if hasattr(weight, "ds_id"):
-        if weight.requires_grad or (bias is not None and bias.requires_grad):
-            raise NotImplementedError(
-                "the fused loss reads lm_head's weight outside its forward; under ZeRO-3 a trainable lm_head "
-                "gets no gradient that way: use kernels.fused_loss=false (or freeze lm_head)"
-            )
-        import deepspeed
-
-        params = [p for p in (weight, bias) if p is not None]
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+    params = _zero3_params(module)
+    if params is not None:
+        with _zero3_gather(params):
             yield weight, bias
         return
 
@@ -229,6 +254,10 @@ def token_loss_sum_fused(model: nn.Module, batch: dict, ignore_index: int = -100
     # Position t predicts label t+1. Shifting the labels (last position: ignored) instead of
     # slicing the hidden states keeps ``hidden`` a view: no (tokens x hidden) copy.
     labels = F.pad(batch["labels"][:, 1:], (0, 1), value=ignore_index).to(hidden.device)
+    params = _zero3_params(head)
+    # ZeRO-3: the chunked backward recomputes the logits, so it gathers the head again (and
+    # no gathered copy of the head lives between forward and backward)
+    regather = None if params is None else functools.partial(_zero3_gather, params)
     with gathered_weight(head) as (weight, bias):
         return linear_cross_entropy(hidden, weight, labels, ignore_index=ignore_index, bias=bias,
-                                    chunk_tokens=chunk_tokens)
+                                    chunk_tokens=chunk_tokens, regather=regather)

@@ -125,6 +125,61 @@ class _FlatDecodeMatmul(torch.autograd.Function):
         return grad_out @ dense_weight(ctx.module).to(grad_out.dtype), None
 
 
+# --------------------------------------------------------------------------- ZeRO-3 route
+# bitsandbytes' ``MatMul4Bit`` keeps ``B = weight.view(-1, 1)`` (a view of the weight) on its
+# autograd context (``ctx.tensors``) whenever its input needs a gradient.  DeepSpeed ZeRO-3 frees a
+# parameter after its module's forward by replacing ``param.data``; the view still points at the
+# gathered storage, which therefore stays alive until that module's backward: every 4-bit weight
+# of the model is held whole on every rank from forward to backward (measured in
+# tests/distributed/test_kernels_zero3.py).  Under ZeRO-3 the forward below runs bitsandbytes'
+# own forward inside an autograd function that keeps the module instead, and the backward reads
+# the weight again -- gathered by ZeRO-3's pre-backward hook, or here when no hook did
+# (``slimtune.kernels.gathered_params``) -- and dequantizes it as bitsandbytes' backward does.
+class _ReleasedWeightMatmul(torch.autograd.Function):
+    """``forward(module, x)`` (bitsandbytes' Linear4bit forward, or slimtune's row-straddling one)
+    with nothing of the weight saved; the backward is bitsandbytes' ``dx = dy @ W``."""
+
+    @staticmethod
+    def forward(ctx, x, module, forward):
+        ctx.module, ctx.x_dtype = module, x.dtype
+        return forward(module, x)  # autograd is off in here: nothing is saved
+
+    @staticmethod
+    def backward(ctx, dy):
+        from slimtune.kernels.apply import gathered_params
+
+        module = ctx.module
+        dtype = module.compute_dtype or dy.dtype
+        with gathered_params(module):
+            dx = dy.to(dtype) @ dense_weight(module).to(dtype)
+        return dx.to(ctx.x_dtype), None, None
+
+
+class _Zero3AwareForward:
+    """Instance ``forward`` of a 4-bit linear (see :func:`route_forward`); a plain object rather than
+    a bound method so that the module still pickles and deep-copies."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.module
+        forward = type(m).forward
+        if (hasattr(m.weight, "ds_id") and torch.is_grad_enabled() and x.requires_grad
+                and not any(p.requires_grad for p in m.parameters(recurse=False))):
+            return _ReleasedWeightMatmul.apply(x, m, forward)
+        return forward(m, x)
+
+
+def route_forward(module: nn.Module) -> nn.Module:
+    """Give a bitsandbytes 4-bit linear the ZeRO-3-aware forward: unchanged (its class's forward)
+    unless its weight is a ZeRO-3 partition and the input needs a gradient; then no gathered
+    weight is kept from forward to backward.  Returns ``module``."""
+    if is_quantized(module):
+        module.forward = _Zero3AwareForward(module)
+    return module
+
+
 @functools.cache
 def _row_straddling_class():
     """A Linear4bit whose CPU forward decodes blocks that straddle rows correctly (see above)."""

@@ -173,3 +173,42 @@ def test_token_loss_sum_fused_with_fsdp2_sharded_head(tmp_path):
     finally:
         dist.destroy_process_group()
         os.environ.pop("MASTER_ADDR", None)
+
+
+def test_chunked_backward_reenters_the_regather_context():
+    """ZeRO-3's contract, by hand: the head's parameter holds its whole data only inside a
+    context (``GatheredParameters``) and an empty partition outside it.  The chunked backward
+    recomputes the logits from that parameter, so it must enter the context again (``regather``);
+    without it the recompute multiplies by an empty tensor (what crashed under ZeRO-3)."""
+    import contextlib
+
+    hidden, weight, labels, _ = data(23, 16, 40, torch.float32)
+    weight.requires_grad_(False)  # a frozen head (ZeRO-3 refuses a trainable one in the fused loss)
+    whole = weight.detach().clone()
+    head = torch.nn.Parameter(torch.empty(0), requires_grad=False)
+    entered = []
+
+    @contextlib.contextmanager
+    def gathered():
+        entered.append(1)
+        head.data = whole
+        try:
+            yield
+        finally:
+            head.data = torch.empty(0)  # partitioned again, as ZeRO-3 does on exit
+
+    ref_loss, (ref_gh, _) = losses_and_grads(lambda h, w, lab, b: reference(h, w, lab), hidden, whole, labels, None)
+    h = hidden.detach().clone().requires_grad_()
+    with gathered():
+        loss, _ = linear_cross_entropy(h, head, labels, chunk_tokens=5, regather=gathered)
+    assert head.numel() == 0  # released between forward and backward
+    (loss * 0.37).backward()
+    assert len(entered) == 2 and head.numel() == 0
+    torch.testing.assert_close(loss.detach(), ref_loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(h.grad, ref_gh, rtol=1e-5, atol=1e-6)
+
+    h2 = hidden.detach().clone().requires_grad_()
+    with gathered():
+        loss2, _ = linear_cross_entropy(h2, head, labels, chunk_tokens=5)
+    with pytest.raises(RuntimeError):
+        loss2.backward()

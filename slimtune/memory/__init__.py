@@ -1,6 +1,7 @@
 """Memory measurement shared by tests, benchmarks and the planner (DESIGN rule 5)."""
 
 from slimtune.memory.fake import fake_module
+from slimtune.memory.fast_fake import fast_fake_cache_keys
 from slimtune.memory.tracker import CATEGORIES, MemoryTracker, collect_tensors, tensor_storages
 from slimtune.memory.units import format_bytes, parse_bytes
 
@@ -9,6 +10,7 @@ __all__ = [
     "MemoryTracker",
     "collect_tensors",
     "fake_module",
+    "fast_fake_cache_keys",
     "format_bytes",
     "parse_bytes",
     "tensor_storages",

@@ -60,7 +60,9 @@ Fake and meta tensors
     real fake device (cpu, cuda) to "meta", whose SDPA falls back to the math kernel. Ops
     run under a different fake mode than the one active at entry (DTensor's sharding
     propagation) are not counted; wrapper subclasses (DTensor, torchao NF4) are let through
-    so that the ops on their inner tensors are what is counted.
+    so that the ops on their inner tensors are what is counted. ``prim.device`` (which fake
+    tensors ask for most ops: about 60% of dispatches) is answered in place, and views are
+    passed on without bookkeeping (their output shares an input's storage).
 """
 
 from __future__ import annotations
@@ -74,13 +76,12 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch._guards import active_fake_mode
+from torch._subclasses.fake_tensor import FakeTensor
+from torch._subclasses.fake_tensor import _device_handler as _fake_device  # FakeTensorMode's prim.device answer
 from torch.utils._python_dispatch import (
     TorchDispatchMode,
-    is_traceable_wrapper_subclass,
     is_traceable_wrapper_subclass_type,
 )
-from torch.utils._pytree import tree_flatten
 
 from slimtune.memory.units import format_bytes
 
@@ -98,6 +99,19 @@ _PHASE_EXIT_RULES = {
 # data outside the dispatcher and hands it through lift_fresh.
 _FRESH_OPS = {torch.ops.aten.lift_fresh.default}
 _CUDA_BLOCK = 512  # CUDACachingAllocator rounds every block up to 512 bytes
+_DEVICE_OP = torch.ops.prim.device.default
+_FAKE_SLOT = torch._C._TorchDispatchModeKey.FAKE
+
+
+def active_fake_mode() -> Any:
+    """The active ``FakeTensorMode`` or None: ``torch._guards.active_fake_mode`` in one call
+    (every fake mode is held in the mode stack's one FAKE slot); the tracker asks it per op."""
+    return torch._C._get_dispatch_mode(_FAKE_SLOT)
+
+
+@functools.lru_cache(maxsize=None)
+def _is_wrapper_type(cls: type) -> bool:
+    return is_traceable_wrapper_subclass_type(cls)
 
 
 def tensor_storages(t: torch.Tensor) -> list[torch.UntypedStorage]:
@@ -106,10 +120,15 @@ def tensor_storages(t: torch.Tensor) -> list[torch.UntypedStorage]:
     Written here rather than taken from torch.distributed._tools.common_utils because that
     helper raises on storage-less layouts (sparse, nested) instead of skipping them.
     """
+    if not _is_wrapper_type(type(t)):  # the common case, once per op output
+        try:
+            return [t.untyped_storage()]
+        except (RuntimeError, NotImplementedError, TypeError):
+            return []
     found, stack = [], [t]
     while stack:
         obj = stack.pop()
-        if is_traceable_wrapper_subclass(obj):
+        if _is_wrapper_type(type(obj)):
             attrs, _ = obj.__tensor_flatten__()
             stack.extend(v for v in (getattr(obj, a) for a in attrs) if isinstance(v, torch.Tensor))
             continue
@@ -117,6 +136,23 @@ def tensor_storages(t: torch.Tensor) -> list[torch.UntypedStorage]:
             found.append(obj.untyped_storage())
         except (RuntimeError, NotImplementedError, TypeError):
             continue
+    return found
+
+
+def _tensors_in(obj: Any) -> list[torch.Tensor]:
+    """The tensors in an op's arguments or outputs (tensors, nested tuples / lists / dicts):
+    ``tree_flatten`` without its per-node registry lookups."""
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    found, stack = [], [obj]
+    while stack:
+        o = stack.pop()
+        if isinstance(o, torch.Tensor):
+            found.append(o)
+        elif isinstance(o, (tuple, list)):
+            stack.extend(o)
+        elif isinstance(o, dict):
+            stack.extend(o.values())
     return found
 
 
@@ -397,8 +433,17 @@ class MemoryTracker(TorchDispatchMode):
         self._sweep_grads()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
-        if any(is_traceable_wrapper_subclass_type(t) for t in types):
-            return NotImplemented  # let DTensor / NF4 unwrap; their inner ops come back here
+        if func is _DEVICE_OP:
+            # Fake tensors ask ``prim.device`` for most ops (about 60% of dispatches under
+            # FakeTensorMode). It allocates nothing: answer it here as FakeTensorMode's own
+            # handler does rather than passing it down the mode stack.
+            a = args[0]
+            if type(a) is FakeTensor:
+                return _fake_device(args)
+            return func(*args)
+        for t in types:
+            if t is not FakeTensor and _is_wrapper_type(t):
+                return NotImplemented  # let DTensor / NF4 unwrap; their inner ops come back here
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         if active_fake_mode() is not self._fake_on_entry:
@@ -407,10 +452,10 @@ class MemoryTracker(TorchDispatchMode):
             for frame in self._frames:
                 frame.graph = True
         fresh = func in _FRESH_OPS
+        if func.is_view and not fresh:
+            return out  # its output shares an input's storage: never new memory (see below)
         input_keys: set[int] | None = None
-        for t in tree_flatten(out)[0]:
-            if not isinstance(t, torch.Tensor):
-                continue
+        for t in _tensors_in(out):
             for st in tensor_storages(t):
                 key = st._cdata
                 rec = self._live.get(key)
@@ -421,8 +466,7 @@ class MemoryTracker(TorchDispatchMode):
                     continue
                 if not fresh:
                     if input_keys is None:
-                        inputs = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)]
-                        input_keys = {s._cdata for a in inputs for s in tensor_storages(a)}
+                        input_keys = {s._cdata for a in _tensors_in((args, kwargs)) for s in tensor_storages(a)}
                     if key in input_keys:
                         continue  # a view or in-place result of an untracked (pre-existing) tensor
                 self._add(st, t.device.type, "temporaries")

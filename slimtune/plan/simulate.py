@@ -27,6 +27,12 @@ and says so (``SimResult.notes``):
   tensors have no values, so two kernel choices are answered as a real batch gets them:
   SDPA's fused-kernel choice (:func:`_fused_attention_choice`) and transformers' skipping of
   an all-ones mask (:func:`_maskless_causal`).
+
+Speed (a 70B recipe is a few hundred thousand fake ops): nothing is skipped or extrapolated --
+every layer of every micro-batch runs. What is made cheaper is the cost per op: the tracker and
+:func:`_fast_device_mode` answer ``prim.device`` (about 60% of dispatches) in place and pass views
+through, and ``memory.fast_fake_cache_keys`` computes ``FakeTensorMode``'s cache keys in one tuple
+per tensor. tests/unit/test_simulate_speed.py checks that the peak and breakdown are unchanged.
 """
 from __future__ import annotations
 
@@ -203,29 +209,27 @@ def _bnb_dynamic_map(fake_mode) -> Iterator[None]:
             del bf.name2qmap["dynamic"]
 
 
-# --------------------------------------------------------------------------- tracker
-def _sim_tracker_class():
-    from slimtune.memory import MemoryTracker
+# --------------------------------------------------------------------------- untracked ops
+def _fast_device_mode():
+    """A dispatch mode for the untracked parts of the simulation (build, step 1's micro-batch):
+    it answers ``prim.device`` -- which fake tensors ask for most ops, about 60% of all
+    dispatches -- as ``FakeTensorMode``'s own handler does, and passes every other op on.
+    ``MemoryTracker`` has the same fast path for the tracked part."""
+    from torch._subclasses.fake_tensor import FakeTensor, _device_handler
+    from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass_type
 
     device_op = torch.ops.prim.device.default
 
-    class SimTracker(MemoryTracker):
-        """``MemoryTracker`` that passes straight through ops that cannot allocate:
-        ``prim.device`` (fake tensors ask it for most ops: about 60% of dispatches) and views
-        (their output shares the input's storage, which the tracker skips anyway). What is
-        counted is unchanged (the tests compare with the plain tracker on real runs); it halves
-        the time of a simulated step."""
-
+    class FastDevice(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func is device_op or func.is_view:
-                return func(*args, **(kwargs or {}))
-            return super().__torch_dispatch__(func, types, args, kwargs)
+            if func is device_op and type(args[0]) is FakeTensor:
+                return _device_handler(args)
+            for t in types:
+                if t is not FakeTensor and is_traceable_wrapper_subclass_type(t):
+                    return NotImplemented  # DTensor / NF4 unwrap first, as under the tracker
+            return func(*args, **(kwargs or {}))
 
-    return SimTracker
-
-
-def _SimTracker():  # noqa: N802 - builds the tracker instance
-    return _sim_tracker_class()()
+    return FastDevice()
 
 
 # --------------------------------------------------------------------------- engines
@@ -565,7 +569,7 @@ def simulate(cfg, world: int = 1, steps: int = 2, cuda_defaults: bool = True) ->
 
     from slimtune.launch import SHARDERS
     from slimtune.launch.dist import DistInfo
-    from slimtune.memory import MemoryTracker
+    from slimtune.memory import MemoryTracker, fast_fake_cache_keys
     from slimtune.optim import build_optimizer
 
     t0 = time.perf_counter()
@@ -573,6 +577,7 @@ def simulate(cfg, world: int = 1, steps: int = 2, cuda_defaults: bool = True) ->
     info = DistInfo(rank=0, world_size=world, local_rank=0, device=torch.device("cpu"))
     sharded = cfg.shard.strategy != "none"
     with contextlib.ExitStack() as stack:
+        stack.enter_context(fast_fake_cache_keys())
         if sharded or world > 1:
             stack.enter_context(fake_process_group(world))
         for patch in SHARD_SIMULATION[cfg.shard.strategy](world, notes):
@@ -591,8 +596,9 @@ def simulate(cfg, world: int = 1, steps: int = 2, cuda_defaults: bool = True) ->
         # cannot exceed a later step's: it runs one micro-batch, untracked. The tracker registers what
         # is alive (weights, trainable parameters, gradients) and records step 1's optimizer step
         # (state created; GaLore's first SVD) and every later step in full.
-        batches = micro_batches(engine, cfg, vocab, fake=True, micro=1)
-        tracker = _SimTracker()
+        with _fast_device_mode():
+            batches = micro_batches(engine, cfg, vocab, fake=True, micro=1)
+        tracker = MemoryTracker()
         tracker.register_model(model)
         tracker.register_optimizer(engine.optimizer)
         tracker.register(batches, "temporaries")

@@ -1,0 +1,115 @@
+"""``slimtune plan --simulate`` at 70B scale, and the speed-ups that make it fast without changing
+what it measures.
+
+* The fast dispatch-cache keys (``slimtune.memory.fast_fake_cache_keys``) give every fake op the
+  same output as torch's own keys (independent reference: the same ops with torch's keys), and
+  a whole simulation the same tracked peak and breakdown, byte for byte.
+* The tracker's fast paths (``prim.device`` answered in place, views passed through) count what
+  the plain per-op rule counts (tests/unit/test_memory.py checks the tracker itself).
+* The 70B LoRAM recipe's code path at full width on a 4-layer stack (default run, seconds);
+  the whole 80-layer recipe through the CLI is marked slow (about a minute on 2 CPU cores).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+from unittest import mock
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from slimtune.config import load_config
+from slimtune.memory import fast_fake_cache_keys
+from slimtune.plan.simulate import simulate
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = ["model.preset=tiny-llama", "model.overrides={num_hidden_layers: 2, intermediate_size: 384}",
+        "train.micro_batch_size=2", "data.max_seq_len=32", "train.num_threads=1"]
+
+
+def _ops(x, w, idx):
+    """A mix of ops whose outputs depend on shapes, strides, dtypes, offsets and requires_grad."""
+    outs = [torch.mm(x, w), torch.mm(x.t().contiguous().t(), w), x.float() * 2, x[1:].clone(), x[:, ::2].contiguous(),
+            torch.empty_like(x.t()), x.sum(dim=0, keepdim=True), torch.cat([x, x], dim=1), x.to(torch.bfloat16) + 1.5,
+            torch.index_select(x, 0, idx), x.new_zeros((3, 5)), x.transpose(0, 1) @ x, (x + 1) if x.requires_grad else x]
+    return [(tuple(o.shape), o.stride(), o.dtype, o.device, o.storage_offset(), o.requires_grad) for o in outs]
+
+
+def test_fast_cache_keys_give_the_same_fake_outputs():
+    results = []
+    for fast in (False, True):
+        FakeTensorMode.cache.clear()
+        with contextlib.ExitStack() as stack:
+            if fast:
+                stack.enter_context(fast_fake_cache_keys())
+            mode = stack.enter_context(FakeTensorMode())
+            base = torch.empty(8, 6)
+            inputs = [(base, torch.empty(6, 4)), (base[2:], torch.empty(6, 4)), (base.t().contiguous().t(), torch.empty(6, 4)),
+                      (torch.empty(8, 6, dtype=torch.float16), torch.empty(6, 4, dtype=torch.float16)),
+                      (torch.empty(8, 6, requires_grad=True), torch.empty(6, 4)), (torch.empty(5, 6), torch.empty(6, 2))]
+            idx = torch.tensor([0, 2, 1])
+            # each set twice: the second pass is answered from the cache
+            results.append([_ops(x, w, idx) for _ in range(2) for x, w in inputs])
+            hits = FakeTensorMode.cache_hits
+        assert mode.cache_enabled and hits > 0
+    FakeTensorMode.cache.clear()
+    assert results[0] == results[1]
+    assert FakeTensorMode._prep_args_for_hash.__qualname__.startswith("FakeTensorMode")  # patch undone
+
+
+@pytest.mark.parametrize("overrides", [
+    ["method.name=lora", "quant.name=nf4", "model.dtype=bfloat16", "quant.compute_dtype=bfloat16",
+     "train.activation_checkpointing=true"],
+    ["method.name=full", "optim.name=galore_adamw8bit", "optim.galore.rank=16", "optim.per_layer=true"],
+    ["method.name=paca", "method.paca.r=8", "quant.name=nf4", "quant.backend=torchao", "model.dtype=bfloat16",
+     "quant.compute_dtype=bfloat16"],
+], ids=["qlora-ckpt", "galore8bit-per-layer", "qpaca-torchao"])
+def test_simulation_is_unchanged_by_the_fast_keys(overrides, tmp_path):
+    cfg = load_config(None, TINY + [f"output.dir={tmp_path}"] + overrides)
+    FakeTensorMode.cache.clear()
+    fast = simulate(cfg)
+    FakeTensorMode.cache.clear()
+    with mock.patch("slimtune.memory.fast_fake_cache_keys", contextlib.nullcontext):
+        plain = simulate(cfg)
+    assert fast.peak_bytes == plain.peak_bytes > 0
+    assert fast.breakdown == plain.breakdown
+    assert fast.phases == plain.phases
+
+
+def _check_fits_and_adds_up(sim, gpu_mem=24 << 30):
+    assert sum(sim.breakdown.values()) == sim.peak_bytes
+    assert all(v >= 0 for v in sim.breakdown.values())
+    assert 0 < sim.peak_bytes < gpu_mem
+
+
+def test_llama70b_loram_code_path_on_four_full_width_layers():
+    """The recipe as it is (Llama-3.1-70B width, 128k vocabulary, 4 x 512-token micro-batches,
+    QLoRAM pruning, NF4, LoRA, checkpointing), with 4 decoder layers (1 kept whole at each end,
+    2 pruned): fits, the breakdown adds up, and the 70B-scale weights are there."""
+    cfg = load_config(REPO / "configs/llama70b_loram.yaml",
+                      ["model.path=null", "model.preset=llama-3.1-70b", "model.overrides={num_hidden_layers: 4}",
+                       "pruning.keep_first_layers=1", "pruning.keep_last_layers=1"])
+    sim = simulate(cfg, world=1)
+    _check_fits_and_adds_up(sim)
+    emb = 128256 * 8192 * 2  # bf16 embeddings and lm_head
+    assert sim.breakdown["weights"] > 2 * emb
+    assert sim.breakdown["grads"] == sim.breakdown["trainable"] > 0
+    assert sim.seconds < 120
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config,gpus", [("configs/llama70b_loram.yaml", 1), ("configs/llama70b_s2ft.yaml", 2),
+                                         ("configs/llama70b_paca.yaml", 2), ("configs/llama8b_galore.yaml", 1),
+                                         ("configs/llama70b_qlora_fsdp2.yaml", 2), ("configs/llama70b_qlora_zero3.yaml", 2)])
+def test_recipe_simulates_through_the_cli(config, gpus, capsys):
+    from slimtune.cli import main
+
+    rc = main(["plan", "--config", str(REPO / config), "--gpus", str(gpus), "--gpu-mem", "24GiB", "--simulate",
+               "--json", "--no-advice"])
+    out = json.loads(capsys.readouterr().out)
+    sim = out["simulated"]
+    assert sum(sim["breakdown"].values()) == sim["peak_bytes"]
+    assert sim["fits"] is True, (config, sim["per_rank_peak_bytes"] / 2**30)
+    assert rc == 0

@@ -122,33 +122,48 @@ def _static(inv: Inventory, cfg, world: int, device: str) -> dict:
 
     ocfg = cfg.optim
     if zero3 and shapes_local:
-        # one flat fp32 partition per param group; fp32 masters only when the module runs in 16 bit
+        # one flat fp32 master partition per param group, a copy of the module's partition: made in
+        # 16 bit, and in fp32 too (DeepSpeed 0.19 compares the tensor's device with a device *name*
+        # to decide whether it may share it, which never matches, so it always copies)
         flat = sum(math.prod(s) for _, s in shapes_local)
-        masters = 4 * flat if train_dtype != "float32" else 0
+        masters = 4 * flat
         opt = OPTIMIZERS[ocfg.name].state_bytes([("flat", (flat,))], ocfg, 4) - 4 + masters
-        grads = _zero3_grad_bucket(cfg, world, flat)
+        # gradients land in the flat buffer of this rank's gradient partitions through the reduce
+        # bucket (both in the module dtype, allocated when the engine is built, alive throughout)
+        grads = 0
+        grads_static = flat * BYTES[train_dtype] + _zero3_grad_bucket(cfg, world, flat)
     else:
         opt = OPTIMIZERS[ocfg.name].state_bytes(shapes_local, ocfg, BYTES[tdtype or "float32"]) if shapes_local else 0
         grads = sum(math.prod(s) for _, s in shapes_local) * BYTES[tdtype or "float32"]
+        grads_static = 0
     if opt_offload:
-        host += opt + grads
-        opt_gpu, grads_gpu = 0, 0
+        host += opt + grads + grads_static
+        opt_gpu, grads_gpu, grads_static = 0, 0, 0
     else:
         opt_gpu, grads_gpu = opt, grads
     largest_param = max((math.prod(s) * BYTES[tdtype or "float32"] for _, s in shapes_local), default=0)
     if opt_offload or zero3:
         grad_units = {}  # gradients leave the GPU (offload) or land in ZeRO's flat partitions
+    # gradients held between the micro-batches of an accumulation step: FSDP2 skips the
+    # reduce-scatter (set_requires_gradient_sync(False)) and keeps each parameter's unsharded
+    # gradient, in reduce_dtype when mixed precision differs from it; others keep their grads
+    acc = grads_gpu
+    if cfg.shard.strategy == "fsdp2" and world > 1:
+        numel = sum(p.numel for p in inv.params if p.trainable)
+        e = BYTES[cfg.shard.reduce_dtype] if cfg.shard.param_dtype else BYTES[tdtype or "float32"]
+        acc = numel * e
     return {"weights": weights, "trainable": trainable, "grads": grads_gpu, "optimizer": opt_gpu, "grad_units": grad_units,
+            "grads_static": grads_static,
+            "grads_accumulated": acc,
             "grads_whole": trainable_whole, "host": host, "largest_param": largest_param,
             "shapes_local": shapes_local, "trainable_dtype": tdtype or "float32"}
 
 
 def _zero3_grad_bucket(cfg, world: int, flat: int) -> int:
     """ZeRO-3 reduces gradients through one contiguous bucket of ``reduce_bucket_size`` elements
-    (``auto``: hidden^2), in the module dtype."""
+    (``auto``: hidden^2), in the module dtype, allocated whole when the engine is built."""
     ds = _ds_config(cfg, world)
-    bucket = ds["zero_optimization"].get("reduce_bucket_size", 5e8)
-    return int(min(bucket, flat * world)) * BYTES[factor_dtype(cfg)]
+    return int(ds["zero_optimization"].get("reduce_bucket_size", 5e8)) * BYTES[factor_dtype(cfg)]
 
 
 def _ds_config(cfg, world: int) -> dict:
@@ -212,6 +227,25 @@ def _mlp_backward_work(spec: ModelSpec, inv: Inventory, cfg, sh: act.Shape, i: i
     return dy + max(partials * inter + deq, 3 * inter)
 
 
+def _mlp_weight_grads(inv: Inventory, cfg, world: int, i: int) -> int:
+    """Weight gradients of layer ``i``'s MLP alive during its backward (before the next layers'):
+    each ``param.grad`` in its own dtype; under FSDP2 unsharded (whole, in the all-gather
+    dtype) until the unit's reduce-scatter. Not with per-layer steps (a step frees each one),
+    nor under ZeRO-3 (its hooks move each into the reduce bucket as it is produced, counted
+    there) or with the optimizer on the CPU."""
+    if cfg.optim.per_layer or cfg.shard.strategy == "deepspeed_zero3" or (cfg.shard.strategy == "fsdp2" and
+                                                                         cfg.shard.cpu_offload):
+        return 0
+    out = 0
+    for p in inv.params:
+        if p.trainable and p.layer == i and ".mlp." in p.name:
+            e = BYTES[p.dtype]
+            if cfg.shard.strategy == "fsdp2" and world > 1 and cfg.shard.param_dtype:
+                e = BYTES[cfg.shard.param_dtype]
+            out += p.numel * e
+    return out
+
+
 def dequant_bytes(cfg, n: int, E: int) -> int:
     """Transient bytes of dequantizing one 4-bit weight of ``n`` elements for a matmul.
 
@@ -259,13 +293,14 @@ def estimate(cfg, world: int = 1, device: str = "cuda", assumptions: Assumptions
     loss_fwd, loss_bwd = act.loss_transients(spec, sh, fused, chunk, liger=fused and device == "cuda")
     batch = 3 * 8 * sh.T * cfg.train.grad_accum - parts["embed_ids"]  # ids, labels, mask of every micro-batch
     weights = sum(st["weights"].values())
-    S = weights + st["trainable"] + st["optimizer"]
+    S = weights + st["trainable"] + st["optimizer"] + st["grads_static"]
     per_layer_opt = cfg.optim.per_layer
     G = st["grads"]
-    G_acc = G if cfg.train.grad_accum > 1 else 0
+    G_acc = st["grads_accumulated"] if cfg.train.grad_accum > 1 else 0
     G_step = G if not per_layer_opt else min(G, st["largest_param"])
     last = spec.num_layers - 1
     mlp_work = _mlp_backward_work(spec, inv, cfg, sh, last)
+    mlp_grads = 0 if G_acc else _mlp_weight_grads(inv, cfg, world, last)  # accumulated grads include them
     # at the last layer's MLP backward the loss, the final norm and down_proj's saved inputs are gone;
     # with checkpointing the layer's own activations are back (recomputed) next to the kept inputs
     a_layer = A - parts["loss"] - parts["final"] - (0 if ckpt else parts["last_down"])
@@ -278,22 +313,29 @@ def estimate(cfg, world: int = 1, device: str = "cuda", assumptions: Assumptions
     g_before_first = G_acc or (0 if per_layer_opt else sum(v for k, v in gu.items() if k not in (0, "embed")))
     a_first = (parts["layers"][0] if not ckpt else _ckpt_layer_bytes(spec, sh)) + parts["rotary"] + parts["embed_ids"]
     first = (g_before_first + a_first + (parts["layers"][0] if ckpt else 0) + _mlp_backward_work(spec, inv, cfg, sh, 0)
-             + batch + gathered["backward"])
-    # per-layer steps run inside backward: a parameter's step (and GaLore's SVD) happens while
-    # the backward's activations and working set are alive
-    in_bwd = (opt_temp["bytes"] + G_step) if per_layer_opt else 0
+             + batch + gathered["backward (first layer)"])
+    # per-layer steps run inside backward: a weight's step (and GaLore's SVD) happens right after
+    # autograd produced its gradient, next to the layer's activations, the incoming gradient and
+    # the (T x inter) input gradient computed with it
+    step_in_bwd = 0
+    if per_layer_opt:
+        step_in_bwd = (S + G_acc + a_layer + recompute + E * sh.T * (spec.hidden + spec.layers[last].inter) + G_step
+                       + opt_temp["bytes"] + batch + gathered["backward (last layer)"])
     # the last layer's forward: every layer's activations but the loss's, and a 4-bit weight being
     # dequantized (the largest of the layer)
     d_last = spec.layers[last]
     deq_fwd = dequant_bytes(cfg, spec.hidden * max(d_last.inter, d_last.n_q * spec.head_dim), E)
     moments = {
-        "forward (last layer)": S + G_acc + A - parts["loss"] - parts["final"] + deq_fwd + batch + gathered["forward"],
-        "forward (loss)": S + G_acc + A + loss_fwd + batch + gathered["forward"],
-        "backward (loss)": S + G_acc + A + loss_bwd + batch + gathered["forward"],
-        "backward (last layer)": S + G_acc + a_layer + recompute + mlp_work + batch + gathered["backward"] + in_bwd,
-        "backward (first layer)": S + first + in_bwd,
+        "forward (last layer)": S + G_acc + A - parts["loss"] - parts["final"] + deq_fwd + batch + gathered["forward (last layer)"],
+        "forward (loss)": S + G_acc + A + loss_fwd + batch + gathered["forward (loss)"],
+        "backward (loss)": S + G_acc + A + loss_bwd + batch + gathered["backward (loss)"],
+        "backward (last layer)": (S + G_acc + mlp_grads + a_layer + recompute + mlp_work + batch
+                                  + gathered["backward (last layer)"]),
+        "backward (first layer)": S + first,
         "optimizer step": S + G_step + opt_temp["bytes"] + batch,
     }
+    if per_layer_opt:
+        moments["backward (per-layer step)"] = step_in_bwd
     moment = max(moments, key=moments.get)
     allocated = moments[moment]
     # ----- the composition of the peak moment
@@ -302,13 +344,13 @@ def estimate(cfg, world: int = 1, device: str = "cuda", assumptions: Assumptions
         items.append(Item("weights." + label, label, n, "weights"))
     items.append(Item("trainable", "trainable parameters", st["trainable"], "trainable"))
     items.append(Item("optimizer", f"optimizer state ({cfg.optim.name})", st["optimizer"], "optimizer"))
-    grads_now = {"optimizer step": G_step, "backward (first layer)": g_before_first}.get(moment, G_acc)
-    if in_bwd and moment in ("backward (last layer)", "backward (first layer)"):
-        grads_now += G_step
+    items.append(Item("grad_partitions", "gradient partitions and reduce bucket (ZeRO-3)", st["grads_static"], "grads"))
+    grads_now = {"optimizer step": G_step, "backward (first layer)": g_before_first, "backward (last layer)": G_acc + mlp_grads,
+                 "backward (per-layer step)": G_acc + G_step}.get(moment, G_acc)
     items.append(Item("grads", "gradients", grads_now, "grads"))
     if moment != "optimizer step":
         label = "activations (checkpointed layer inputs)" if ckpt else "activations (saved for backward)"
-        a_now = {"backward (last layer)": a_layer, "backward (first layer)": a_first,
+        a_now = {"backward (last layer)": a_layer, "backward (first layer)": a_first, "backward (per-layer step)": a_layer,
                  "forward (last layer)": A - parts["loss"] - parts["final"]}.get(moment, A)
         items.append(Item("activations", label, a_now, "activations"))
         if moment == "forward (loss)":
@@ -317,19 +359,22 @@ def estimate(cfg, world: int = 1, device: str = "cuda", assumptions: Assumptions
             items.append(Item("dequant", "dequantized 4-bit weight (largest)", deq_fwd, "temporaries"))
         elif moment == "backward (loss)":
             items.append(Item("logits", "logits and loss (backward)", loss_bwd, "temporaries"))
-        elif moment == "backward (last layer)":
+        elif moment in ("backward (last layer)", "backward (per-layer step)"):
             if recompute:
                 items.append(Item("recompute", "recomputed layer (checkpointing)", recompute, "temporaries"))
-            items.append(Item("layer_work", "layer backward working set", mlp_work, "temporaries"))
+            if moment == "backward (last layer)":
+                items.append(Item("layer_work", "layer backward working set", mlp_work, "temporaries"))
+            else:
+                items.append(Item("layer_work", "layer backward working set",
+                                  E * sh.T * (spec.hidden + spec.layers[last].inter), "temporaries"))
+                items.append(Item("opt_temp", opt_temp["label"] + " (per-layer step in backward)", opt_temp["bytes"],
+                                  "temporaries"))
         else:
             if ckpt:
                 items.append(Item("recompute", "recomputed layer (checkpointing)", parts["layers"][0], "temporaries"))
             items.append(Item("layer_work", "layer backward working set", _mlp_backward_work(spec, inv, cfg, sh, 0),
                               "temporaries"))
-        if in_bwd and moment.startswith("backward (") and moment != "backward (loss)":
-            items.append(Item("opt_temp", opt_temp["label"] + " (per-layer step in backward)", opt_temp["bytes"],
-                              "temporaries"))
-        g = gathered["forward" if moment.startswith("forward") or moment == "backward (loss)" else "backward"]
+        g = gathered.get(moment, gathered["backward (last layer)"])
         if g:
             items.append(Item("gathered", f"gathered parameters ({cfg.shard.strategy})", g, "temporaries"))
     else:
@@ -353,32 +398,38 @@ def estimate(cfg, world: int = 1, device: str = "cuda", assumptions: Assumptions
 
 
 def _gathered(inv: Inventory, cfg, world: int, spec: ModelSpec, E: int) -> dict[str, int]:
-    """Unsharded parameters held while units compute (sharding engines only)."""
+    """Unsharded parameter bytes held at each moment of the step (sharding engines only)."""
+    moments = ("forward (last layer)", "forward (loss)", "backward (loss)", "backward (last layer)",
+               "backward (first layer)")
     if cfg.shard.strategy == "none":
-        return {"forward": 0, "backward": 0}
-    from slimtune.plan.sharding import unit_bytes
+        return dict.fromkeys(moments, 0)
+    from slimtune.plan.sharding import unit_bytes, zero3_residency
 
-    u = unit_bytes(inv.params, cfg, world)
     if cfg.shard.strategy == "deepspeed_zero3":
-        # ZeRO-3 keeps gathered parameters resident up to stage3_max_live_parameters elements
-        # (and does not release those reused within stage3_max_reuse_distance)
-        zero = _ds_config(cfg, world)["zero_optimization"]
-        total = u["root"] + sum(u["layers"].values())
-        elems = sum(p.numel if not p.nf4 else p.numel // 2 // BYTES[cfg.quant.quant_storage]
-                    for p in inv.params if not p.buffer)
-        live = zero.get("stage3_max_live_parameters", 1e9)
-        resident = int(total * min(1.0, live / max(elems, 1)))
-        return {"forward": resident, "backward": resident}
+        return zero3_residency(inv.params, inv.adapted, cfg, world, spec.num_layers)
+    u = unit_bytes(inv.params, cfg, world)
     last = u["layers"].get(spec.num_layers - 1, 0)
     prev = u["layers"].get(spec.num_layers - 2, 0)
-    # the root unit and the last layer stay gathered from their forward into backward; the last
-    # layer's backward runs while the previous layer's all-gather (prefetch) lands
-    return {"forward": u["root"] + last, "backward": u["root"] + last + prev}
+    # FSDP2: the root unit and the last layer stay gathered from their forward into backward; the
+    # last layer's backward runs while the previous layer's all-gather (prefetch) lands
+    # (at the first layer's backward every later layer is resharded again: the root and layer 0)
+    fwd, bwd = u["root"] + last, u["root"] + last + prev
+    out = {m: (fwd if m.startswith("forward") or m == "backward (loss)" else bwd) for m in moments}
+    out["backward (first layer)"] = u["root"] + u["layers"].get(0, 0)
+    return out
 
 
 def _optimizer_temp(cfg, st: dict, device: str, spec: ModelSpec) -> dict:
     """Transient bytes inside ``optimizer.step()``."""
     name = cfg.optim.name
+    if cfg.shard.strategy == "deepspeed_zero3" and st["shapes_local"]:
+        # ZeRO-3 steps one flat fp32 partition per group: the gradient partitions are flattened
+        # and converted to fp32 first (``_prepare_fp32_grad_for_sub_group``), then torch's AdamW
+        # computes the denominator over the flat tensor: ``exp_avg_sq.sqrt() / c`` (two
+        # transient flat tensors) on CPU, one ``_foreach_sqrt`` buffer on CUDA
+        flat4 = 4 * sum(math.prod(s) for _, s in st["shapes_local"])
+        adam = (1 if device == "cuda" else 2) * flat4 if name == "adamw" else 0
+        return {"bytes": flat4 + adam, "label": "ZeRO-3 fp32 gradient partition and AdamW step buffers"}
     if name.startswith("galore"):
         from slimtune.optim import is_galore_target
 

@@ -49,8 +49,13 @@ def run(args) -> int:
                         fragmentation=a.fragmentation)
     if args.fragmentation is not None:
         a = Assumptions(cuda_context=a.cuda_context, comm_buffers=a.comm_buffers, fragmentation=args.fragmentation)
-    p = plan(cfg, gpus=args.gpus, gpu_mem=parse_bytes(args.gpu_mem), nodes=args.nodes, simulate=args.simulate,
-             advice=not args.no_advice, source=args.config, assumptions=a)
+    import contextlib
+
+    # libraries print progress to stdout while a run is simulated (DeepSpeed's op builds): with --json,
+    # stdout must hold the object alone
+    with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
+        p = plan(cfg, gpus=args.gpus, gpu_mem=parse_bytes(args.gpu_mem), nodes=args.nodes, simulate=args.simulate,
+                 advice=not args.no_advice, source=args.config, assumptions=a)
     if args.json:
         print(json.dumps(to_json(p), indent=1))
     else:

@@ -33,6 +33,10 @@ class Role:
     lora_r: int = 0  # keeps a (tokens x r) middle product
     cast_a: int = 0  # elements of a compute-dtype copy of A (kept when the input needs a gradient)
     cast_b: int = 0  # elements of a compute-dtype copy of B (always kept)
+    # the frozen base runs inside the method's own autograd.Function (``adapters/partial.py``):
+    # ZeRO-3's module hooks never fetch it for backward; the backward gathers it explicitly
+    # (``GatheredParameters``), reads a dense copy and releases it
+    regathers_base: bool = False
 
 
 FROZEN = Role()
@@ -89,7 +93,7 @@ def _attach_paca(params: list[Param], linears, cfg, spec) -> dict[str, Role]:
         k = min(r, lin.inp)
         params.append(Param(lin.name + ".delta", (lin.out, k), "float32", trainable=True, layer=lin.layer))
         params.append(Param(lin.name + ".idx", (k,), "int64", buffer=True, layer=lin.layer))
-        roles[lin.name] = Role(trainable=True, gathered=k)
+        roles[lin.name] = Role(trainable=True, gathered=k, regathers_base=True)
     return roles
 
 
@@ -110,7 +114,8 @@ def _attach_s2ft(params: list[Param], linears, cfg, spec) -> dict[str, Role]:
         shape = (lin.out, k) if axis == "in" else (k, lin.inp)
         params.append(Param(lin.name + ".delta", shape, "float32", trainable=True, layer=lin.layer))
         params.append(Param(lin.name + ".idx", (k,), "int64", buffer=True, layer=lin.layer))
-        roles[lin.name] = Role(trainable=True, gathered=k) if axis == "in" else Role(trainable=True, saves_input=True)
+        roles[lin.name] = (Role(trainable=True, gathered=k, regathers_base=True) if axis == "in"
+                          else Role(trainable=True, saves_input=True, regathers_base=True))
 
     for i in range(spec.num_layers):
         p = f"model.layers.{i}."

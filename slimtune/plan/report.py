@@ -1,6 +1,8 @@
 """The plan as text (the table ``slimtune plan`` prints), as JSON, and as a picture."""
 from __future__ import annotations
 
+from pathlib import Path
+
 from slimtune.memory.units import format_bytes
 
 CATEGORY_ORDER = ("weights", "trainable", "grads", "optimizer", "activations", "temporaries", "overhead")
@@ -146,7 +148,7 @@ def plot(plan, path: str) -> None:
     ax.set_xticklabels([label if len(label) < 28 else label[:26] + "..." for label, _ in bars], rotation=15,
                        ha="right", fontsize=8)
     ax.set_ylabel("GiB per rank")
-    ax.set_title(f"{plan.source}: per-rank peak by component ({plan.world} ranks)")
+    ax.set_title(f"{Path(str(plan.source)).name}: per-rank peak by component ({plan.world} ranks)", fontsize=10)
     handles, labels = ax.get_legend_handles_labels()
     ax.legend(handles, labels, fontsize=8, loc="upper right")
     fig.tight_layout()

@@ -164,6 +164,26 @@ def test_cli_table_marks_the_largest_item_and_plot(tmp_path, capsys):
     assert rc in (0, 1)
 
 
+def test_plot_draws_the_run_and_every_variant(tmp_path):
+    """--plot: one stacked bar per plan (the run and each advised variant); the figure is
+    max(6, 2.2 x bars) inches wide at 120 dpi, so the PNG's width counts the bars drawn."""
+    import struct
+
+    from slimtune.plan.report import plot
+
+    cfg = load_config(None, ["model.preset=llama-3.1-8b", "model.dtype=bfloat16", "method.name=lora",
+                             "train.micro_batch_size=2", "data.max_seq_len=2048"])
+    p = plan(cfg, gpus=1, gpu_mem=24 << 30)
+    assert not p.fits and len(p.advice) >= 3  # enough bars for the width to count them
+    png = tmp_path / "advice.png"
+    plot(p, str(png))
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+    width, height = struct.unpack(">II", data[16:24])
+    bars = 1 + sum(v.estimate is not None for v in p.advice)
+    assert width == int(max(6, 2.2 * bars) * 120) and height == 5 * 120
+
+
 def test_advice_for_a_run_that_does_not_fit():
     """Llama-3.1-8B LoRA in bf16 at 2 x 4k tokens without checkpointing: over 24 GiB; every piece of
     advice is re-planned and fits, cheapest first."""

@@ -113,6 +113,7 @@ def trainable_count(model: torch.nn.Module) -> int:
 
 def measure_memory(name: str, cfg, batches: list[dict], steps: int, device: str) -> dict:
     """Tracked peak (and its breakdown) over ``steps`` steps of a fresh build of the run."""
+    from slimtune.launch import track_engine
     from slimtune.memory import MemoryTracker
 
     cuda = device == "cuda"
@@ -122,8 +123,7 @@ def measure_memory(name: str, cfg, batches: list[dict], steps: int, device: str)
         torch.cuda.reset_peak_memory_stats()
     b = build(name, cfg, device)
     tracker = MemoryTracker(device=device_of(device).type)
-    tracker.register_model(b.model)
-    tracker.register_optimizer(b.engine.optimizer)
+    track_engine(tracker, b.model, b.engine)
     losses = []
     with tracker:
         for i in range(steps):

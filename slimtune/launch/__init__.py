@@ -6,8 +6,10 @@ and offers the surface the loop uses: ``model``, ``optimizer``,
 ``clip_and_step(max_norm) -> grad_norm``, ``save_state(folder)`` /
 ``load_state(folder)`` (checkpoint: trainable tensors and optimizer state),
 ``trainable_state_dict()`` (whole trainable tensors; rank 0 under sharding),
-``unwrapped()`` (the model to evaluate; all ranks call it together) and
-``export_model()`` (collective: a whole model for export on rank 0, None elsewhere).
+``unwrapped()`` (the model to evaluate; all ranks call it together),
+``export_model()`` (collective: a whole model for export on rank 0, None elsewhere) and
+``engine_buffers()`` (what the engine allocates for itself for the whole run, by memory
+category; :func:`track_engine` registers it with a memory tracker).
 
 | strategy        | engine                                   | module        |
 |-----------------|------------------------------------------|---------------|
@@ -50,4 +52,16 @@ SHARDERS = {
     "deepspeed_zero3": _zero3,
 }
 
-__all__ = ["SHARDERS", "DistInfo", "init_distributed", "ensure_process_group", "barrier", "shutdown"]
+__all__ = ["SHARDERS", "DistInfo", "init_distributed", "ensure_process_group", "barrier", "shutdown", "track_engine"]
+
+
+def track_engine(tracker, model, engine) -> None:
+    """Register a built run with a :class:`slimtune.memory.MemoryTracker`: the model's weights and
+    trainable parameters, the optimizer's state and the engine's own long-lived buffers (ZeRO-3's
+    fp32 master partitions and gradient buffers).  The trainer-path measurements (``plan
+    --simulate``, the planner's real-run reference, the benchmarks) all use it."""
+    tracker.register_model(model)
+    tracker.register_optimizer(engine.optimizer)
+    for category, tensors in engine.engine_buffers().items():
+        if tensors:
+            tracker.register(tensors, category)

@@ -229,6 +229,11 @@ class FSDP2Engine:
 
         return get_model_state_dict(self.model, options=self._options(full_state_dict=True, cpu_offload=True))
 
+    def engine_buffers(self) -> dict[str, list[torch.Tensor]]:
+        """Buffers the engine keeps for the whole run outside the model and the optimizer's state
+        (by memory category, for trackers): none here."""
+        return {}
+
     # -- eval / export ---------------------------------------------------------------------
     def unwrapped(self) -> nn.Module:
         """The sharded model: its forward (and ``generate`` with ``synced_gpus``) gathers layers."""

@@ -114,6 +114,11 @@ class ReplicatedEngine:
                                         if not (k.endswith(".idx") and k[: -len(".idx")] in selections)})
         self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location=self.info.device, weights_only=False))
 
+    def engine_buffers(self) -> dict[str, list[torch.Tensor]]:
+        """Buffers the engine keeps for the whole run outside the model and the optimizer's state
+        (by memory category, for trackers): none here."""
+        return {}
+
     def unwrapped(self) -> nn.Module:
         """The full model (for export and eval); already whole here."""
         return self.model

@@ -307,6 +307,19 @@ class ZeRO3Engine:
                 out[name] = full.cpu()
         return out
 
+    def engine_buffers(self) -> dict[str, list[torch.Tensor]]:
+        """What DeepSpeed's ZeRO-3 optimizer allocates for itself when the engine is built and keeps
+        for the whole run, by memory category: the fp32 master partitions (when they are not the
+        module's own partitions) under ``optimizer``; the flat buffer of gradient partitions and
+        the reduce buckets under ``grads``.  Memory trackers register them (the client optimizer's
+        state, which ``register_optimizer`` sees, does not include them)."""
+        zero = self.ds.optimizer
+        flat16 = {id(t) for t in getattr(zero, "fp16_partitioned_groups_flat", [])}
+        masters = [t for t in getattr(zero, "fp32_partitioned_groups_flat", []) if id(t) not in flat16]
+        buffers = [getattr(zero, "grad_partitions_flat_buffer", None)]
+        buffers += [b.buffer for b in getattr(zero, "ipg_buckets", {}).values()]
+        return {"optimizer": masters, "grads": [t for t in buffers if isinstance(t, torch.Tensor)]}
+
     # -- eval / export ---------------------------------------------------------------------
     def unwrapped(self) -> nn.Module:
         """The module; its forward gathers partitions, so all ranks must run it together."""

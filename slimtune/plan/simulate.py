@@ -567,7 +567,7 @@ def simulate(cfg, world: int = 1, steps: int = 2, cuda_defaults: bool = True) ->
     """Build and run ``cfg`` as rank 0 of ``world`` on fake tensors; return its tracked peak."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from slimtune.launch import SHARDERS
+    from slimtune.launch import SHARDERS, track_engine
     from slimtune.launch.dist import DistInfo
     from slimtune.memory import MemoryTracker, fast_fake_cache_keys
     from slimtune.optim import build_optimizer
@@ -599,8 +599,7 @@ def simulate(cfg, world: int = 1, steps: int = 2, cuda_defaults: bool = True) ->
         with _fast_device_mode():
             batches = micro_batches(engine, cfg, vocab, fake=True, micro=1)
         tracker = MemoryTracker()
-        tracker.register_model(model)
-        tracker.register_optimizer(engine.optimizer)
+        track_engine(tracker, model, engine)
         tracker.register(batches, "temporaries")
         with tracker:
             optimizer_step(engine, cfg, tracker)
@@ -624,7 +623,7 @@ def simulate(cfg, world: int = 1, steps: int = 2, cuda_defaults: bool = True) ->
 def measure_real(cfg, steps: int = 2, seed: int = 0) -> SimResult:
     """The same steps on real tensors (a CPU run of a small model): ``trainer.loop.build_model``
     and the engine, tracked by ``MemoryTracker`` -- the reference the planner is tested against."""
-    from slimtune.launch import SHARDERS
+    from slimtune.launch import SHARDERS, track_engine
     from slimtune.launch.dist import DistInfo
     from slimtune.memory import MemoryTracker
     from slimtune.optim import build_optimizer
@@ -644,8 +643,7 @@ def measure_real(cfg, steps: int = 2, seed: int = 0) -> SimResult:
         apply_kernels(model, cfg.kernels)
     engine = SHARDERS[cfg.shard.strategy](model, cfg, info, build_optimizer)
     tracker = MemoryTracker()
-    tracker.register_model(model)
-    tracker.register_optimizer(engine.optimizer)
+    track_engine(tracker, model, engine)
     with tracker:
         for _ in range(steps):
             train_step(engine, cfg, model.config.vocab_size, tracker)

@@ -20,7 +20,6 @@ Run as a script, this file is the torchrun worker: ``python -m torch.distributed
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import subprocess
@@ -88,45 +87,6 @@ CASES: dict[str, dict[str, tuple[list[str], bool]]] = {
 }
 
 
-@contextlib.contextmanager
-def engine_buffers_counted():
-    """Count what DeepSpeed's ZeRO-3 optimizer allocates for itself when the engine is built:
-    the fp32 master partitions (a copy of the module's partitions), the flat buffer of gradient
-    partitions and the reduce bucket (``reduce_bucket_size`` elements). They live for the
-    whole run, but ``MemoryTracker.register_optimizer`` is handed the client optimizer and
-    registers only its *state*, so neither the real nor the simulated measurement would see
-    them (the analytic estimate counts them). Registered here, under ``optimizer`` and
-    ``grads``, in both measurements alike (to move into ``plan.simulate`` / the engine's
-    tracker registration upstream; then this wrapper goes)."""
-    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
-
-    from slimtune.memory import MemoryTracker
-
-    built = []
-    init, register = DeepSpeedZeroOptimizer_Stage3.__init__, MemoryTracker.register_optimizer
-
-    def zero_init(self, *args, **kwargs):
-        init(self, *args, **kwargs)
-        built.append(self)
-
-    def register_optimizer(self, optimizer):
-        register(self, optimizer)
-        for zero in built:
-            flat16 = [id(t) for t in zero.fp16_partitioned_groups_flat]
-            masters = [t for t in zero.fp32_partitioned_groups_flat if id(t) not in flat16]
-            if masters:
-                self.register(masters, "optimizer")
-            buffers = [zero.grad_partitions_flat_buffer] + [b.buffer for b in zero.ipg_buckets.values()]
-            self.register([t for t in buffers if isinstance(t, torch.Tensor)], "grads")
-        built.clear()
-
-    DeepSpeedZeroOptimizer_Stage3.__init__, MemoryTracker.register_optimizer = zero_init, register_optimizer
-    try:
-        yield
-    finally:
-        DeepSpeedZeroOptimizer_Stage3.__init__, MemoryTracker.register_optimizer = init, register
-
-
 def _cfg(overrides: list[str], workdir):
     from slimtune.config import load_config
 
@@ -151,8 +111,7 @@ def _worker(spec_path: str) -> None:
         # release only adds bytes: the smallest of a few runs is the run where none was late.
         runs = []
         for _ in range(REPEATS):
-            with engine_buffers_counted():
-                runs.append(measure_real(_cfg(overrides, f"{spec['workdir']}/{name}")))
+            runs.append(measure_real(_cfg(overrides, f"{spec['workdir']}/{name}")))
         r = min(runs, key=lambda run: run.peak_bytes)
         out[name] = {"peak": r.peak_bytes, "breakdown": r.breakdown, "phases": r.phases, "seconds": r.seconds,
                      "peaks": [run.peak_bytes for run in runs]}
@@ -199,8 +158,7 @@ def _check(engine: str, names: list[str], tmp_path: Path) -> None:
     failures = []
     for name, overrides in jobs.items():
         cfg = _cfg(overrides, tmp_path / name)
-        with engine_buffers_counted():
-            sim = simulate(cfg, world=2, cuda_defaults=False)
+        sim = simulate(cfg, world=2, cuda_defaults=False)
         ana = estimate(cfg, world=2, device="cpu")
         ref, sim_ref = real[name]["peak"], sim.tracked_bytes  # everything the tracker saw, host and GPU
         gpu = _on_gpu(cfg, ref, real[name]["breakdown"])  # what the estimate is of

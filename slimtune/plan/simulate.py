@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -177,10 +178,20 @@ def fake_process_group(world: int) -> Iterator[None]:
 
     if dist.is_initialized():
         raise RuntimeError("plan --simulate needs a process without a process group (one is already initialised)")
+    # DeepSpeed's comm setup writes RANK / WORLD_SIZE / LOCAL_RANK (and MASTER_*) into the
+    # environment; a later ``train`` in this process would then try an env:// rendezvous
+    env_keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                "CROSS_RANK", "CROSS_SIZE")
+    env_before = {k: os.environ.get(k) for k in env_keys}
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
     try:
         yield
     finally:
+        for k, v in env_before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
         ds_comm = sys.modules.get("deepspeed.comm.comm")
         if ds_comm is not None and ds_comm.cdb is not None and dist.is_initialized():
             # DeepSpeed keeps references to the groups it was given: release them with the group

@@ -273,3 +273,19 @@ def test_plan_cli_json(capsys):
     out = json.loads(capsys.readouterr().out)
     assert {"per_rank_peak_bytes", "fits", "breakdown"} <= set(out)
     assert rc == (0 if out["fits"] else 1)
+
+
+def test_simulating_zero3_leaves_no_process_group_environment_behind(tmp_path, monkeypatch):
+    """DeepSpeed's comm setup writes RANK / WORLD_SIZE / MASTER_* into os.environ; after a
+    simulation a run started in the same process (or a child it spawns) must not see them."""
+    import os
+
+    import torch.distributed as dist
+
+    keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    for k in keys:
+        monkeypatch.delenv(k, raising=False)
+    cfg = _cfg(tmp_path, ["method.name=lora", "shard.strategy=deepspeed_zero3"])
+    assert simulate(cfg, world=2, cuda_defaults=False).peak_bytes > 0
+    assert {k: os.environ[k] for k in keys if k in os.environ} == {}
+    assert not dist.is_initialized()

@@ -262,6 +262,8 @@ class MemoryTracker(TorchDispatchMode):
         self._fake_on_entry: Any = None
         self._saved_ctx: Any = None
         self._prev_resize: Any = None
+        self._recorder: list | None = None  # see record_events()
+        self._synthetic = 0
 
     # ------------------------------------------------------------------ report
     @property
@@ -472,6 +474,43 @@ class MemoryTracker(TorchDispatchMode):
                 self._add(st, t.device.type, "temporaries")
         return out
 
+    # --------------------------------------------------------------- record / replay
+    @contextlib.contextmanager
+    def record_events(self) -> Iterator[list]:
+        """Collect the bookkeeping events of the enclosed code: ``("add", key, nbytes,
+        category, device)``, ``("free", key)``, and ``("resize",)`` / ``("retag",)`` (which
+        :meth:`replay_add` / :meth:`replay_free` cannot repeat). Used by
+        ``slimtune.memory.replay`` to repeat a call's allocations without running its ops."""
+        outer, self._recorder = self._recorder, []
+        try:
+            yield self._recorder
+        finally:
+            events, self._recorder = self._recorder, outer
+            if outer is not None:
+                outer.extend(events)
+
+    def replay_add(self, nbytes: int, category: str, device: str) -> tuple[int, _Rec] | None:
+        """What :meth:`_add` does for a storage of ``nbytes`` (already sized by :meth:`_size`)
+        that exists only as a number: same sequence step, same current and peak bookkeeping."""
+        if not self._counts(device):
+            return None
+        self._synthetic -= 1
+        key = self._synthetic  # storage keys (``_cdata``) are addresses: never negative
+        self._seq += 1
+        rec = _Rec(nbytes, category, device, self._seq)
+        self._live[key] = rec
+        self._current[category] += nbytes
+        self._total += nbytes
+        for frame in self._frames:
+            if frame.rule is not None:
+                frame.allocated.append((key, rec))
+        self._update_peaks()
+        return key, rec
+
+    def replay_free(self, entry: tuple[int, _Rec] | None) -> None:
+        if entry is not None:
+            self._on_free(*entry)
+
     # --------------------------------------------------------------- internals
     def _size(self, st: torch.UntypedStorage, device: str) -> int:
         n = st.nbytes()
@@ -492,6 +531,8 @@ class MemoryTracker(TorchDispatchMode):
         self._live[key] = rec
         fin = weakref.finalize(st, _released, weakref.ref(self), key, rec)
         fin.atexit = False
+        if self._recorder is not None:
+            self._recorder.append(("add", key, n, category, device))
         self._current[category] += n
         self._total += n
         for frame in self._frames:
@@ -506,8 +547,12 @@ class MemoryTracker(TorchDispatchMode):
         self._seq += 1
         self._current[rec.category] -= rec.nbytes
         self._total -= rec.nbytes
+        if self._recorder is not None:
+            self._recorder.append(("free", key))
 
     def _resize(self, rec: _Rec, size: int) -> None:
+        if self._recorder is not None:
+            self._recorder.append(("resize",))
         delta = size - rec.nbytes
         rec.nbytes = size
         self._seq += 1
@@ -520,6 +565,8 @@ class MemoryTracker(TorchDispatchMode):
         old = rec.category
         if old == category:
             return
+        if self._recorder is not None:
+            self._recorder.append(("retag",))
         self._current[old] -= rec.nbytes
         self._current[category] += rec.nbytes
         # Re-attribute the recorded peaks this storage was alive for (it is alive now and was

@@ -3,6 +3,7 @@ MemTracker / FSDPMemTracker, and real-vs-fake execution."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 
@@ -514,3 +515,68 @@ def test_llama70b_decoder_layer_with_lora_under_fake_tensors():
     expected = 2 * rms + rope_tables + attention + mlp + lora_mid + loss_input + layer_output
     assert abs(br["activations"] - expected) <= 0.01 * expected, (br["activations"], expected)
     assert summary["peak_bytes"] < 3 * 2**30
+
+
+class _Dequant:
+    """A pure function of its tensor's layout, shaped like torchao's NF4 dequantization:
+    intermediates of several sizes, locals released at return, output made in the middle."""
+
+    runs = 0
+
+    def __init__(self, packed: torch.Tensor):
+        self.packed = packed
+
+    def expand(self) -> torch.Tensor:
+        _Dequant.runs += 1
+        hi = (self.packed >> 4).to(torch.long)
+        lo = (self.packed & 15).to(torch.long)
+        scaled = hi.to(torch.bfloat16) * 2
+        out = torch.stack([scaled, lo.to(torch.bfloat16)], dim=-1).reshape(-1)
+        del scaled
+        extra = out.float().sum()
+        return out + extra.to(torch.bfloat16)
+
+
+def test_replayed_calls_track_what_the_real_calls_do():
+    """``replay_pure_calls``: a pure method run 6 times, in phases, between other allocations,
+    with and without a grad-disabled region: the tracker's peak, breakdown, phase peaks, live
+    bytes and sequence are those of the real calls, and later calls were answered by replay."""
+    from slimtune.memory import replay_pure_calls
+
+    def run(replay: bool):
+        FakeTensorMode.cache.clear()
+        with FakeTensorMode():
+            objs = [_Dequant(torch.empty(4096 + 512 * (i % 2), dtype=torch.uint8)) for i in range(3)]
+            w = torch.empty(64, 64, requires_grad=True)
+            tracker = MemoryTracker()
+            tracker.register(w, "trainable")
+            calls = []
+            with contextlib.ExitStack() as stack:
+                if replay:
+                    traces = stack.enter_context(replay_pure_calls(_Dequant, "expand", lambda s: tuple(s.packed.shape)))
+                with tracker:
+                    keep = []
+                    for step in range(2):
+                        with tracker.phase("forward"), torch.no_grad():
+                            for o in objs:
+                                keep.append(o.expand())
+                                calls.append(tracker.current_bytes)
+                        with tracker.phase("backward"):
+                            y = (w * 2).sum()
+                            with torch.no_grad():
+                                big = objs[1].expand()
+                            y.backward()
+                            del big
+                        keep.clear()
+                if replay:
+                    assert len(traces) == 2 and all(isinstance(v, tuple) for v in traces.values())
+            return tracker.peak_bytes, tracker.peak_breakdown, tracker.phase_peaks, tracker._seq, calls
+
+    _Dequant.runs = 0
+    real = run(False)
+    assert _Dequant.runs == 8
+    _Dequant.runs = 0
+    replayed = run(True)
+    assert _Dequant.runs == 2  # one real (recorded) call per layout; the other 6 were replayed
+    assert replayed == real
+    assert real[0] > 0

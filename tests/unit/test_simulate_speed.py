@@ -113,3 +113,58 @@ def test_recipe_simulates_through_the_cli(config, gpus, capsys):
     assert sum(sim["breakdown"].values()) == sim["peak_bytes"]
     assert sim["fits"] is True, (config, sim["per_rank_peak_bytes"] / 2**30)
     assert rc == 0
+
+
+def _cold_caches():
+    """Both runs start as a fresh process does: DTensor's sharding propagation caches are
+    emptied too (a cache miss runs the propagation, whose fake tensors the tracker sees in the
+    optimizer phase: a second run in one process would read a smaller optimizer-phase peak)."""
+    from torch.distributed.tensor.debug import _clear_sharding_prop_cache
+
+    FakeTensorMode.cache.clear()
+    _clear_sharding_prop_cache()
+
+
+FAST_PATHS = ["slimtune.memory.fast_strided_shard_flag", "slimtune.plan.simulate.replay_nf4_dequant"]
+
+
+def _simulate_plain_and_fast(cfg, world, fast_names=FAST_PATHS):
+    """``simulate`` twice: with every speed-up, and with the named ones replaced by no-ops."""
+    _cold_caches()
+    fast = simulate(cfg, world=world)
+    _cold_caches()
+    with contextlib.ExitStack() as stack:
+        for name in fast_names:
+            stack.enter_context(mock.patch(name, contextlib.nullcontext))
+        plain = simulate(cfg, world=world)
+    return fast, plain
+
+
+@pytest.mark.parametrize("overrides,world", [
+    (["method.name=lora", "quant.name=nf4", "quant.backend=torchao", "model.dtype=bfloat16", "shard.strategy=fsdp2",
+      "quant.compute_dtype=bfloat16", "train.activation_checkpointing=true", "train.grad_accum=2"], 2),
+    (["method.name=full", "optim.max_grad_norm=0", "shard.strategy=fsdp2"], 2),
+    (["method.name=paca", "method.paca.r=8", "quant.name=nf4", "quant.backend=torchao", "model.dtype=bfloat16",
+      "quant.compute_dtype=bfloat16", "train.activation_checkpointing=true", "train.grad_accum=3"], 1),
+], ids=["fsdp2-qlora-ao-ckpt", "fsdp2-full-noclip", "qpaca-ao-ckpt"])
+def test_simulation_is_unchanged_by_the_dtensor_and_nf4_speedups(overrides, world, tmp_path):
+    """With and without the linear-time ``_StridedShard`` scan of DTensor's foreach propagation
+    (``fast_strided_shard_flag``) and the replayed NF4 dequantization (``replay_nf4_dequant``):
+    the tracked peak, breakdown and phase peaks are byte-identical, and both were used."""
+    from torch.distributed.tensor import _sharding_prop as sp
+
+    import slimtune.memory.fast_dtensor as fd
+    import slimtune.memory.replay as rp
+
+    cfg = load_config(None, TINY + [f"output.dir={tmp_path}"] + overrides)
+    with mock.patch.object(fd, "_has_strided_shard", wraps=fd._has_strided_shard) as scans, \
+            mock.patch.object(rp, "_make_output", wraps=rp._make_output) as replays:
+        fast, plain = _simulate_plain_and_fast(cfg, world)
+    if cfg.shard.strategy == "fsdp2":
+        assert scans.call_count > 0  # the fast scan answered the foreach ops of the first run
+    if cfg.quant.name == "nf4":
+        assert replays.call_count > 0  # dequantizations answered by replay in the first run
+    assert fast.peak_bytes == plain.peak_bytes > 0
+    assert fast.breakdown == plain.breakdown
+    assert fast.phases == plain.phases
+    assert sp._propagate_use_strided_shard_flag.__module__ == sp.__name__  # patch undone

@@ -1,0 +1,53 @@
+"""A linear-time answer to one quadratic step of DTensor's sharding propagation, for long
+fake-tensor runs (``slimtune plan --simulate`` of a 70B model sharded with FSDP2).
+
+A foreach op over N DTensors (the optimizer's ``_foreach_*`` ops and the gradient-norm's
+``_foreach_norm`` over every trainable parameter) is propagated child by child; for each child
+torch 2.13 calls ``_sharding_prop._propagate_use_strided_shard_flag(child, op_schema)``, which
+scans all N argument specs of the whole schema (``op_schema.args_spec``: a pytree flatten) to
+find ``_StridedShard`` placements. That is N x N work on the first optimizer step: with the
+1120 LoRA factors of Llama-70B, about half of a 2-rank FSDP2 simulation.
+
+:func:`fast_strided_shard_flag` answers the scan once per schema when it finds no
+``_StridedShard`` placement among the schema's argument specs (the function then returns
+without changing anything, so answering it once is the same as answering it N times: it only
+mutates specs that carry a ``_StridedShard``, never placements). A schema with a
+``_StridedShard`` goes through torch's own function every time. Only sharding propagation runs
+differently: it chooses the same shardings, and no tensor is allocated by it. Written here
+because torch has no switch for it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+__all__ = ["fast_strided_shard_flag"]
+
+
+def _has_strided_shard(op_schema, strided_type) -> bool:
+    return any(isinstance(p, strided_type) for spec in op_schema.args_spec for p in spec.placements)
+
+
+@contextlib.contextmanager
+def fast_strided_shard_flag() -> Iterator[None]:
+    """While active, DTensor's foreach sharding propagation scans a schema's argument specs for
+    ``_StridedShard`` once per schema instead of once per list element (see module doc)."""
+    from torch.distributed.tensor import _sharding_prop as sp
+
+    original = sp._propagate_use_strided_shard_flag
+    last: list = [None, True]  # [the schema last scanned (held, so its id is not reused), has _StridedShard]
+
+    def propagate(op_strategy, op_schema) -> None:
+        if last[0] is not op_schema:
+            last[0], last[1] = op_schema, _has_strided_shard(op_schema, sp._StridedShard)
+        if last[1]:
+            original(op_strategy, op_schema)
+        # else: torch's function finds no flag among the argument specs and returns unchanged
+
+    sp._propagate_use_strided_shard_flag = propagate
+    try:
+        yield
+    finally:
+        sp._propagate_use_strided_shard_flag = original
+        last[0] = None

@@ -91,9 +91,19 @@ def _simulate_recipe(config: Path, worlds, timeout_s: float) -> dict[int, dict]:
     return got
 
 
-def simulate_all(worlds=WORLDS, timeout_s: float = 1800, budget_s: Optional[float] = None) -> dict:
-    """Every recipe at every rank count. ``timeout_s``: per recipe (all its rank counts);
-    ``budget_s``: no new recipe's simulation starts once this much time is spent."""
+def smallest_world(config: Path) -> int:
+    """The fewest GPUs a recipe is written for: 1 unshared, 2 when it shards (FSDP2 / ZeRO-3)."""
+    from slimtune.config import load_config
+
+    return 1 if load_config(config).shard.strategy == "none" else 2
+
+
+def simulate_all(worlds=WORLDS, timeout_s: float = 1800, budget_s: Optional[float] = None,
+                 own_world_only: bool = False) -> dict:
+    """Every recipe at every rank count (analytic), simulated at every rank count or, with
+    ``own_world_only`` (``--quick``), at :func:`smallest_world` only. ``timeout_s``: per recipe
+    (all its simulated rank counts); ``budget_s``: no new recipe's simulation starts once this
+    much time is spent."""
     found = recipes()
     if not found:
         return {"available": False, "reason": "no configs/llama70b_*.yaml recipes in this tree"}
@@ -112,7 +122,10 @@ def simulate_all(worlds=WORLDS, timeout_s: float = 1800, budget_s: Optional[floa
         else:
             t0 = time.perf_counter()
             left = timeout_s if budget_s is None else max(30.0, min(timeout_s, budget_s - spent))
-            sims = _simulate_recipe(config, worlds, left)
+            sim_worlds = [smallest_world(config)] if own_world_only else list(worlds)
+            sims = _simulate_recipe(config, sim_worlds, left)
+            sims.update({w: {"error": "not simulated in --quick (only at the recipe's smallest GPU count); "
+                                      "run without --quick"} for w in worlds if w not in sims})
             log(f"scale: {config.name} simulated in {time.perf_counter() - t0:.0f} s")
         for w in worlds:
             cells.append({**rows[w], **sims[w]})

@@ -15,6 +15,7 @@ from slimtune.adapters import paca
 from slimtune.adapters.common import count_parameters, selection_generator
 from slimtune.adapters.partial import column_delta_linear
 from slimtune.config import validate
+from slimtune.memory import saved_activation_bytes
 
 torch.set_num_threads(1)
 
@@ -80,22 +81,6 @@ def saved_bytes(fn, exclude: list[torch.Tensor]) -> int:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fn()
     return sum(seen.values())
-
-
-def tracked_activation_bytes(module: nn.Module, x: torch.Tensor) -> int:
-    """The same quantity by the project's memory tracker (DESIGN rule 5): bytes in category
-    ``activations`` (what autograd saves for backward) after ``fn`` ran, the module's parameters
-    and buffers registered as weights / trainable."""
-    from slimtune.memory import MemoryTracker
-
-    h = x * 1.0  # an upstream activation (not a leaf: the tracker takes leaves needing grad for parameters)
-    tracker = MemoryTracker()
-    tracker.register_model(module)
-    with tracker:
-        out = module(h)
-        nbytes = tracker.current_breakdown["activations"]
-    del out
-    return nbytes
 
 
 def _set_random_deltas(model, scale=0.05):
@@ -220,7 +205,7 @@ def test_saved_bytes_vs_lora_of_equal_budget(n_in, n_out, r_lora):
     assert b_paca == n_tok * r_paca * 4  # only x[..., idx]
     assert b_paca / b_lora == pytest.approx(r_paca / (n_in + r_lora))
     # the project's memory tracker counts the same bytes as activations, so the same ratio
-    t_lora, t_paca = tracked_activation_bytes(lora_layer, x), tracked_activation_bytes(pl, x)
+    t_lora, t_paca = saved_activation_bytes(lora_layer, x), saved_activation_bytes(pl, x)
     assert (t_lora, t_paca) == (b_lora, b_paca)
 
 

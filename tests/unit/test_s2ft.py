@@ -15,6 +15,7 @@ from slimtune.adapters import s2ft
 from slimtune.adapters.common import count_parameters
 from slimtune.adapters.partial import row_delta_linear
 from slimtune.config import validate
+from slimtune.memory import saved_activation_bytes
 
 torch.set_num_threads(1)
 
@@ -70,21 +71,6 @@ def saved_bytes(fn, exclude) -> int:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fn()
     return sum(seen.values())
-
-
-def tracked_activation_bytes(module: nn.Module, x: torch.Tensor) -> int:
-    """The same quantity by the project's memory tracker (DESIGN rule 5): bytes in category
-    ``activations`` after ``fn`` ran, the module's parameters and buffers registered."""
-    from slimtune.memory import MemoryTracker
-
-    h = x * 1.0  # an upstream activation (not a leaf: the tracker takes leaves needing grad for parameters)
-    tracker = MemoryTracker()
-    tracker.register_model(module)
-    with tracker:
-        out = module(h)
-        nbytes = tracker.current_breakdown["activations"]
-    del out
-    return nbytes
 
 
 def _set_random_deltas(model, scale=0.05, seed=5):
@@ -194,7 +180,7 @@ def test_saved_bytes_vs_lora_of_equal_budget():
     assert b_lora == tokens * (352 + r) * 4
     assert b_cols == tokens * k * 4  # only the gathered channels
     # the project's memory tracker counts the same activation bytes, so the same ratio k / (in + r)
-    assert (tracked_activation_bytes(lora, x), tracked_activation_bytes(cols, x)) == \
+    assert (saved_activation_bytes(lora, x), saved_activation_bytes(cols, x)) == \
         (b_lora, b_cols)
     # rows: k rows of up_proj, k * in = r * (in + out); grad_delta needs the whole input
     base, lora, budget = _lora_layer(128, 352, r)
@@ -205,7 +191,7 @@ def test_saved_bytes_vs_lora_of_equal_budget():
     b_lora, b_rows = saved_bytes(lambda: lora(x), _state(lora)), saved_bytes(lambda: rows(x), _state(rows))
     assert b_lora == tokens * (128 + r) * 4
     assert b_rows == tokens * 128 * 4  # x only: a row slice saves what LoRA's A factor does, minus x@A^T
-    assert (tracked_activation_bytes(lora, x), tracked_activation_bytes(rows, x)) == \
+    assert (saved_activation_bytes(lora, x), saved_activation_bytes(rows, x)) == \
         (b_lora, b_rows)
 
 

@@ -496,16 +496,7 @@ class MemoryTracker(TorchDispatchMode):
             return None
         self._synthetic -= 1
         key = self._synthetic  # storage keys (``_cdata``) are addresses: never negative
-        self._seq += 1
-        rec = _Rec(nbytes, category, device, self._seq)
-        self._live[key] = rec
-        self._current[category] += nbytes
-        self._total += nbytes
-        for frame in self._frames:
-            if frame.rule is not None:
-                frame.allocated.append((key, rec))
-        self._update_peaks()
-        return key, rec
+        return key, self._register(key, nbytes, category, device)
 
     def replay_free(self, entry: tuple[int, _Rec] | None) -> None:
         if entry is not None:
@@ -526,19 +517,24 @@ class MemoryTracker(TorchDispatchMode):
             return
         key = st._cdata
         n = self._size(st, device)
-        self._seq += 1
-        rec = _Rec(n, category, device, self._seq)
-        self._live[key] = rec
-        fin = weakref.finalize(st, _released, weakref.ref(self), key, rec)
-        fin.atexit = False
         if self._recorder is not None:
             self._recorder.append(("add", key, n, category, device))
-        self._current[category] += n
-        self._total += n
+        rec = self._register(key, n, category, device)
+        fin = weakref.finalize(st, _released, weakref.ref(self), key, rec)
+        fin.atexit = False
+
+    def _register(self, key: int, nbytes: int, category: str, device: str) -> _Rec:
+        """Count ``nbytes`` live under ``key`` (a real storage or a replayed one)."""
+        self._seq += 1
+        rec = _Rec(nbytes, category, device, self._seq)
+        self._live[key] = rec
+        self._current[category] += nbytes
+        self._total += nbytes
         for frame in self._frames:
             if frame.rule is not None:
                 frame.allocated.append((key, rec))
         self._update_peaks()
+        return rec
 
     def _on_free(self, key: int, rec: _Rec) -> None:
         if self._live.get(key) is not rec:

@@ -161,6 +161,12 @@ class ZeRO3Engine:
         before = getattr(model, "_slimtune_unsharded_bytes", None) or count_bytes(model)
         uneven = sorted(n for n, p in model.named_parameters() if getattr(p, "ds_numel", p.numel()) % info.world_size)
         self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        # bitsandbytes' own 4-bit forward would keep each gathered weight alive until its backward
+        # (MatMul4Bit saves a view of it); route those bases through a matmul that re-reads it
+        from slimtune.quant.bnb import route_forward
+
+        for m in model.modules():
+            route_forward(m)
         optimizer = build_optimizer(model, cfg)
         self.ds, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_config)
         self.optimizer = optimizer  # the client optimizer: ZeRO steps it on flat fp32 partitions; the scheduler sets its lr

@@ -89,8 +89,7 @@ def iter_quantize(model: nn.Module, quant_cfg) -> Iterator[str]:
         if id(dense.weight) in tied:
             log.warning("not quantizing %s: its weight is tied to another module", name)
             continue
-        # bitsandbytes: a forward that keeps no gathered weight alive under ZeRO-3 (bnb.route_forward)
-        setattr(parent, attr, bnb.route_forward(backend.quantize_linear(dense, quant_cfg)))
+        setattr(parent, attr, backend.quantize_linear(dense, quant_cfg))
         del dense  # the last reference to the dense weight: freed here, before the next layer
         yield name
 

@@ -20,7 +20,7 @@ ZeRO-3 has released (the parameter is ``NOT_AVAILABLE`` again) but that somethin
 alive, and the tracker's live bytes (``slimtune.memory.MemoryTracker``).  Three variants:
 bitsandbytes' own ``Linear4bit.forward`` (``MatMul4Bit`` keeps a view of the gathered weight on its
 autograd context: every released 4-bit weight stays alive until its backward), slimtune's
-ZeRO-3 route (:func:`slimtune.quant.bnb.route_forward`, installed by quantization) and the fused
+ZeRO-3 route (:func:`slimtune.quant.bnb.route_forward`, installed by the ZeRO-3 engine) and the fused
 kernels.
 """
 from __future__ import annotations
@@ -178,12 +178,12 @@ def _memory_worker(out_path: str) -> dict:
         torch.manual_seed(0)
         model, _ = build_model(cfg, info.device)
         mods = [m for m in model.modules() if qbnb.is_quantized(m)]
-        if variant == "bnb":  # bitsandbytes' own forward, as before slimtune routed it
-            for m in mods:
-                m.__dict__.pop("forward", None)
         four_bit.clear()
         four_bit.update(id(m.weight) for m in mods)
         engine = SHARDERS[cfg.shard.strategy](model, cfg, info, build_optimizer)
+        if variant == "bnb":  # bitsandbytes' own forward, as before the ZeRO-3 engine routed it
+            for m in mods:
+                m.__dict__.pop("forward", None)
         gen = torch.Generator().manual_seed(1)
         ids = torch.randint(3, model.config.vocab_size, (4, 48), generator=gen)
         batch = {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}

@@ -39,7 +39,7 @@ def qmodel(method: str, dtype=torch.float32, extra=None):
 
 def own_forward(module) -> bool:
     """An instance-level forward other than the one every bitsandbytes base gets from quantization
-    (``slimtune.quant.bnb.route_forward``: bitsandbytes' own forward unless under ZeRO-3)."""
+    (``slimtune.quant.bnb.route_forward``, which the ZeRO-3 engine installs)."""
     fwd = module.__dict__.get("forward")
     return fwd is not None and not isinstance(fwd, _Zero3AwareForward)
 

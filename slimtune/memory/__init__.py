@@ -3,6 +3,7 @@
 from slimtune.memory.fake import fake_module
 from slimtune.memory.fast_dtensor import fast_strided_shard_flag
 from slimtune.memory.fast_fake import fast_fake_cache_keys
+from slimtune.memory.fast_ops import fast_fake_ops
 from slimtune.memory.replay import replay_pure_calls
 from slimtune.memory.saved import saved_activation_bytes
 from slimtune.memory.tracker import CATEGORIES, MemoryTracker, collect_tensors, tensor_storages
@@ -14,6 +15,7 @@ __all__ = [
     "collect_tensors",
     "fake_module",
     "fast_fake_cache_keys",
+    "fast_fake_ops",
     "fast_strided_shard_flag",
     "format_bytes",
     "parse_bytes",

@@ -83,6 +83,7 @@ from torch.utils._python_dispatch import (
     is_traceable_wrapper_subclass_type,
 )
 
+from slimtune.memory.fast_ops import call_op
 from slimtune.memory.units import format_bytes
 
 __all__ = ["CATEGORIES", "MemoryTracker", "collect_tensors", "tensor_storages"]
@@ -447,7 +448,7 @@ class MemoryTracker(TorchDispatchMode):
             if t is not FakeTensor and _is_wrapper_type(t):
                 return NotImplemented  # let DTensor / NF4 unwrap; their inner ops come back here
         kwargs = kwargs or {}
-        out = func(*args, **kwargs)
+        out = call_op(func, args, kwargs)
         if active_fake_mode() is not self._fake_on_entry:
             return out  # e.g. DTensor's shape propagation under its own fake mode
         if torch.is_grad_enabled():

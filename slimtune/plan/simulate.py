@@ -244,6 +244,8 @@ def _fast_device_mode():
     from torch._subclasses.fake_tensor import FakeTensor, _device_handler
     from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass_type
 
+    from slimtune.memory.fast_ops import call_op
+
     device_op = torch.ops.prim.device.default
 
     class FastDevice(TorchDispatchMode):
@@ -253,7 +255,7 @@ def _fast_device_mode():
             for t in types:
                 if t is not FakeTensor and is_traceable_wrapper_subclass_type(t):
                     return NotImplemented  # DTensor / NF4 unwrap first, as under the tracker
-            return func(*args, **(kwargs or {}))
+            return call_op(func, args, kwargs or {})
 
     return FastDevice()
 
@@ -610,13 +612,13 @@ def _foreach_like_cuda(optimizer, notes: list[str]) -> None:
         notes.append("AdamW uses its foreach implementation, as torch chooses on CUDA")
 
 
-def simulate(cfg, world: int = 1, steps: int = 2, cuda_defaults: bool = True) -> SimResult:
+def simulate(cfg, world: int = 1, steps: int = 2, cuda_defaults: bool = True, fast_ops: bool = True) -> SimResult:
     """Build and run ``cfg`` as rank 0 of ``world`` on fake tensors; return its tracked peak."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from slimtune.launch import SHARDERS, track_engine
     from slimtune.launch.dist import DistInfo
-    from slimtune.memory import MemoryTracker, fast_fake_cache_keys, fast_strided_shard_flag
+    from slimtune.memory import MemoryTracker, fast_fake_cache_keys, fast_fake_ops, fast_strided_shard_flag
     from slimtune.optim import build_optimizer
 
     t0 = time.perf_counter()
@@ -634,13 +636,17 @@ def simulate(cfg, world: int = 1, steps: int = 2, cuda_defaults: bool = True) ->
         for patch in SHARD_SIMULATION[cfg.shard.strategy](world, notes):
             stack.enter_context(patch)
         fake_mode = FakeTensorMode()
-        model = build_fake_model(cfg, fake_mode, notes)
+        if fast_ops:
+            stack.enter_context(fast_fake_ops(fake_mode))
+        with _fast_device_mode():
+            model = build_fake_model(cfg, fake_mode, notes)
         vocab = model.config.vocab_size
         stack.enter_context(fake_mode)
         stack.enter_context(_fake_scalars())
         stack.enter_context(_fused_attention_choice())
         stack.enter_context(_maskless_causal(cfg.data.packing))
-        engine = SHARDERS[cfg.shard.strategy](model, cfg, info, build_optimizer)
+        with _fast_device_mode():
+            engine = SHARDERS[cfg.shard.strategy](model, cfg, info, build_optimizer)
         if cuda_defaults:
             _foreach_like_cuda(engine.optimizer, notes)
         # Before step 1's optimizer step there is no optimizer state, so step 1's forward/backward

@@ -1,0 +1,263 @@
+"""A per-op memo of fake-tensor outputs, for long fake-tensor runs (``slimtune plan --simulate``
+of a 70B model: a few hundred thousand fake ops, most of them the same op on tensors of the same
+layout, layer after layer).
+
+``FakeTensorMode`` already caches an op's output metadata, but a cache hit still goes through the
+whole mode (its dispatch, cache-key validation, and a general ``FakeTensor`` constructor): about
+half the time of a 70B simulation. Its key also holds every input's storage offset and size, so
+DeepSpeed's flat-buffer slices (every parameter at its own offset) miss on every call.
+
+:func:`fast_fake_ops` memoizes ops the tracker and the untracked first micro-batch dispatch, one
+level above the fake mode: the first call of an op with a given key runs through
+``FakeTensorMode`` as before, and what it returned is recorded; later calls with that key build
+the same outputs directly. Which ops, and what a key holds:
+
+* ``aten`` / ``prims`` ops, and ``bitsandbytes`` ops (their fake kernels read shapes only), whose
+  output metadata depends on the inputs' metadata only: not tagged ``dynamic_output_shape``,
+  ``data_dependent_output`` or ``inplace_view``, not ``set_`` / ``resize_`` / ``lift_fresh`` /
+  ``_local_scalar_dense``, no ``out=`` arguments.
+* Functional ops (no alias in their schema): each output must be a new storage of exactly its
+  ``empty_strided`` size at offset 0 (what ``FakeTensorMode``'s own cache hits build); the key
+  holds each input's dtype, shape, strides, fake device, requires_grad and conj/neg/inference
+  flags -- not its storage offset or size, which a functional op's output cannot depend on.
+* In-place ops on their first argument (``add_``, ``copy_``, ``uniform_``...): the output is
+  that argument, as ``FakeTensorMode`` returns it.
+* ``out=`` ops: the output is the ``out`` argument, memoized only where the recorded call did not
+  resize it (the key holds its layout, storage offset and size).
+* View ops (and ``_unsafe_view``, whose schema says otherwise): the output shares the aliased input's storage. For the views in ``_RELATIVE_VIEWS``
+  the output's offset is the input's plus a constant of the key (recorded); for other views the
+  key also holds the inputs' storage offsets and sizes.
+* Only while ``fake_mode`` is the active fake mode (a factory op has no fake input to tell).
+* Any other argument (a ``FakeTensor`` of another mode or with a constant, a real tensor, a
+  wrapper subclass, a symbolic size, a generator or process group) sends the call to the fake
+  mode unmemoized. An op whose recorded output does not fit its kind (a functional output that
+  aliases an input or is not a fresh dense storage, a view of something else) is never memoized.
+
+A memoized output is the same tensor a cache hit gives: ``torch.empty_strided`` on the meta
+device (``set_`` onto the input's storage for a view), wrapped as a ``FakeTensor`` with the
+attributes ``FakeTensor.__new__`` gave the recorded output. tests/unit/test_simulate_speed.py
+checks outputs op by op and whole simulations byte for byte against runs without it. Written
+here because torch has no switch for a cheaper fake-tensor cache hit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensor
+
+__all__ = ["call_op", "fast_fake_ops"]
+
+_FUNCTIONAL, _INPLACE, _OUT, _VIEW = "functional", "inplace", "out", "view"
+_NAMESPACES = frozenset({"aten", "prims", "bitsandbytes"})
+_SKIP_TAGS = (torch.Tag.dynamic_output_shape, torch.Tag.data_dependent_output, torch.Tag.inplace_view)
+_SKIP_NAMES = frozenset({"set_", "resize_", "resize_as_", "_resize_output_", "lift_fresh", "lift_fresh_copy",
+                         "_local_scalar_dense", "item", "as_strided_", "record_stream"})
+# views whose output offset is the (first) input's offset plus something set by shapes, strides and
+# arguments alone (not ``as_strided``: its offset argument is absolute)
+_RELATIVE_VIEWS = frozenset({"view", "_unsafe_view", "slice", "select", "narrow", "unsqueeze", "squeeze",
+                             "transpose", "t", "permute", "expand", "alias", "detach", "split",
+                             "split_with_sizes", "unbind", "_reshape_alias"})
+_PLAIN = frozenset({int, float, bool, str, type(None), torch.dtype, torch.device, torch.layout,
+                    torch.memory_format})
+_STRIDED = torch.strided
+_FAKE_SLOT = torch._C._TorchDispatchModeKey.FAKE
+_UNKEYED = object()  # an argument the memo does not key: the call goes to the fake mode
+
+_ACTIVE: list = [None]  # the memo in use (one per simulation)
+
+
+def _kind(func) -> str | None:
+    """The op's memo kind, or None where it is not memoized."""
+    if not isinstance(func, torch._ops.OpOverload) or func.namespace not in _NAMESPACES:
+        return None
+    if any(tag in func.tags for tag in _SKIP_TAGS) or func._schema.name.split("::")[-1] in _SKIP_NAMES:
+        return None
+    schema = func._schema
+    if func is torch.ops.aten._unsafe_view.default:
+        return _VIEW  # its schema says a new tensor, but its output shares the input's storage
+    written = [a for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write]
+    if written:
+        ret = schema.returns
+        if len(written) != 1 or len(ret) != 1 or ret[0].alias_info is None or not ret[0].alias_info.is_write \
+                or not isinstance(written[0].type, torch.TensorType):
+            return None
+        if written[0] is schema.arguments[0] and not written[0].kwarg_only:
+            return _INPLACE
+        if written[0].kwarg_only and written[0].name == "out":
+            return _OUT
+        return None
+    if any(r.alias_info is not None for r in schema.returns):
+        return _VIEW
+    return _FUNCTIONAL
+
+
+def _layout(t) -> tuple:
+    return (tuple(t.shape), t.stride(), t.storage_offset(), t.untyped_storage().nbytes(), t.dtype)
+
+
+class _Memo:
+    def __init__(self, fake_mode) -> None:
+        self.mode = fake_mode
+        self.kinds: dict = {}  # func -> kind | None
+        self.outputs: dict = {}  # key -> recipe | None (not memoizable)
+        self.hits = 0
+        self.misses = 0
+
+    # ---------------------------------------------------------------- keys
+    def _key(self, kind, relative, args, kwargs):
+        parts: list = []
+        offsets = (kind is _VIEW and not relative) or kind is _OUT
+        if self._walk(args, parts, offsets) is _UNKEYED:
+            return _UNKEYED
+        if kwargs:
+            for name, value in kwargs.items():
+                parts.append(name)
+                if self._walk((value,), parts, offsets) is _UNKEYED:
+                    return _UNKEYED
+        return tuple(parts)
+
+    def _walk(self, values, parts: list, with_offsets: bool):
+        mode = self.mode
+        for v in values:
+            tv = type(v)
+            if tv is FakeTensor:
+                if v.fake_mode is not mode or v.constant is not None or v.layout is not _STRIDED \
+                        or v._has_symbolic_sizes_strides:
+                    return _UNKEYED
+                entry = (v.dtype, tuple(v.shape), v.stride(), v.fake_device, v.requires_grad, v.is_conj(),
+                         v.is_neg(), v.is_inference())
+                if with_offsets:
+                    entry += (v.storage_offset(), v.untyped_storage().nbytes())
+                parts.append(entry)
+            elif tv in _PLAIN:
+                parts.append((tv, v))
+            elif tv is list or tv is tuple:
+                parts.append((tv, len(v)))
+                if self._walk(v, parts, with_offsets) is _UNKEYED:
+                    return _UNKEYED
+            else:
+                return _UNKEYED
+        return None
+
+    # ---------------------------------------------------------------- recording
+    def _record(self, kind, relative, args, kwargs, out, layout_before):
+        """The recipe that rebuilds ``out`` for another call with the same key, or None."""
+        single = isinstance(out, torch.Tensor)
+        outs = (out,) if single else out
+        if not isinstance(outs, (tuple, list)) or not outs:
+            return None
+        if kind is _INPLACE:
+            return (_INPLACE,) if single and out is args[0] else None
+        if kind is _OUT:  # kept only where the call did not resize ``out`` (the key holds its layout)
+            dest = kwargs["out"]
+            return (_OUT,) if single and out is dest and layout_before == _layout(dest) else None
+        source = args[0] if args and type(args[0]) is FakeTensor else None
+        inputs = set()
+        if kind is _FUNCTIONAL:
+            stack = [args]
+            while stack:
+                for a in stack.pop():
+                    if isinstance(a, torch.Tensor):
+                        inputs.add(a.untyped_storage()._cdata)
+                    elif isinstance(a, (list, tuple)):
+                        stack.append(a)
+        items = []
+        for t in outs:
+            if type(t) is not FakeTensor or t.fake_mode is not self.mode or t.constant is not None \
+                    or t.layout is not _STRIDED or t._has_symbolic_sizes_strides:
+                return None
+            st = t.untyped_storage()
+            shape, stride = tuple(t.shape), t.stride()
+            if kind is _FUNCTIONAL:
+                size = torch._prims_common.compute_required_storage_length(shape, stride, 0) * t.element_size()
+                if st._cdata in inputs or t.storage_offset() != 0 or st.nbytes() != size:
+                    return None
+                inputs.add(st._cdata)  # two outputs on one storage: not memoized either
+                offset = 0
+            else:  # a view of the first argument
+                if source is None or st._cdata != source.untyped_storage()._cdata:
+                    return None
+                offset = t.storage_offset() - source.storage_offset() if relative else t.storage_offset()
+            items.append((shape, stride, t.dtype, t.requires_grad, t.is_conj(), t.is_neg(), offset,
+                          t.fake_device, dict(t.__dict__)))
+        return (kind, single, tuple(items), relative)
+
+    # ---------------------------------------------------------------- building
+    def _build(self, recipe, args, kwargs):
+        kind = recipe[0]
+        if kind is _INPLACE:
+            return args[0]
+        if kind is _OUT:
+            return kwargs["out"]
+        _, single, items, relative = recipe
+        source = args[0] if kind is _VIEW else None
+        mode = self.mode
+        outs = []
+        for shape, stride, dtype, requires_grad, conj, neg, offset, device, attrs in items:
+            with torch._C._DisableTorchDispatch():
+                elem = torch.empty_strided(shape, stride, dtype=dtype, device="meta", requires_grad=requires_grad)
+                if conj:
+                    torch._C._set_conj(elem, True)
+                if neg:
+                    torch._C._set_neg(elem, True)
+                if source is not None:
+                    start = source.storage_offset() + offset if relative else offset
+                    elem.set_(source.untyped_storage(), start, shape, stride)
+            t = torch.Tensor._make_subclass(FakeTensor, elem, requires_grad, dispatch_device=True,
+                                            device_for_backend_keys=device)
+            if not mode._allow_unsafe_data_ptr_access:
+                torch._C._set_throw_on_mutable_data_ptr(t)
+            else:
+                torch._C._set_warn_deprecated_on_mutable_data_ptr(t)
+            t.__dict__.update(attrs)
+            outs.append(t)
+        return outs[0] if single else tuple(outs)
+
+    # ---------------------------------------------------------------- call
+    def __call__(self, func, args, kwargs):
+        if torch._C._get_dispatch_mode(_FAKE_SLOT) is not self.mode:
+            return func(*args, **kwargs)  # e.g. a factory call under ``unset_fake_temporarily``
+        kind = self.kinds.get(func, _UNKEYED)
+        if kind is _UNKEYED:
+            kind = self.kinds[func] = _kind(func)
+        if kind is None:
+            return func(*args, **kwargs)
+        relative = kind is _VIEW and func._schema.name.split("::")[-1] in _RELATIVE_VIEWS
+        key = self._key(kind, relative, args, kwargs)
+        if key is _UNKEYED:
+            return func(*args, **kwargs)
+        key = (func, key)
+        recipe = self.outputs.get(key, _UNKEYED)
+        if recipe is _UNKEYED:
+            layout_before = _layout(kwargs["out"]) if kind is _OUT else None
+            out = func(*args, **kwargs)
+            self.misses += 1
+            self.outputs[key] = self._record(kind, relative, args, kwargs, out, layout_before)
+            return out
+        if recipe is None:
+            return func(*args, **kwargs)
+        self.hits += 1
+        return self._build(recipe, args, kwargs)
+
+
+def call_op(func, args, kwargs):
+    """``func(*args, **kwargs)``, through the active :func:`fast_fake_ops` memo if there is one."""
+    memo = _ACTIVE[0]
+    if memo is None:
+        return func(*args, **kwargs)
+    return memo(func, args, kwargs)
+
+
+@contextlib.contextmanager
+def fast_fake_ops(fake_mode) -> Iterator[_Memo]:
+    """While active, :func:`call_op` (the tracker's and the simulation's dispatch) memoizes the fake
+    ops of ``fake_mode`` as described above. Yields the memo (hits / misses, for tests)."""
+    memo = _Memo(fake_mode)
+    previous, _ACTIVE[0] = _ACTIVE[0], memo
+    try:
+        yield memo
+    finally:
+        _ACTIVE[0] = previous

@@ -27,6 +27,9 @@ the same outputs directly. Which ops, and what a key holds:
 * View ops (and ``_unsafe_view``, whose schema says otherwise): the output shares the aliased input's storage. For the views in ``_RELATIVE_VIEWS``
   the output's offset is the input's plus a constant of the key (recorded); for other views the
   key also holds the inputs' storage offsets and sizes.
+* ``c10d`` collectives (fake process group) on fakes of the mode: their kernel runs directly under
+  the mode's kernel invocation, as the mode itself would run it (they return their input tensors
+  and a completed Work), without the mode's per-call argument checks.
 * Only while ``fake_mode`` is the active fake mode (a factory op has no fake input to tell).
 * Any other argument (a ``FakeTensor`` of another mode or with a constant, a real tensor, a
   wrapper subclass, a symbolic size, a generator or process group) sends the call to the fake
@@ -46,11 +49,11 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
-from torch._subclasses.fake_tensor import FakeTensor
+from torch._subclasses.fake_tensor import FakeTensor, in_kernel_invocation_manager
 
 __all__ = ["call_op", "fast_fake_ops"]
 
-_FUNCTIONAL, _INPLACE, _OUT, _VIEW = "functional", "inplace", "out", "view"
+_FUNCTIONAL, _INPLACE, _OUT, _VIEW, _COLLECTIVE = "functional", "inplace", "out", "view", "collective"
 _NAMESPACES = frozenset({"aten", "prims", "bitsandbytes"})
 _SKIP_TAGS = (torch.Tag.dynamic_output_shape, torch.Tag.data_dependent_output, torch.Tag.inplace_view)
 _SKIP_NAMES = frozenset({"set_", "resize_", "resize_as_", "_resize_output_", "lift_fresh", "lift_fresh_copy",
@@ -63,6 +66,7 @@ _RELATIVE_VIEWS = frozenset({"view", "_unsafe_view", "slice", "select", "narrow"
 _PLAIN = frozenset({int, float, bool, str, type(None), torch.dtype, torch.device, torch.layout,
                     torch.memory_format})
 _STRIDED = torch.strided
+_META = torch.device("meta")
 _FAKE_SLOT = torch._C._TorchDispatchModeKey.FAKE
 _UNKEYED = object()  # an argument the memo does not key: the call goes to the fake mode
 
@@ -71,7 +75,12 @@ _ACTIVE: list = [None]  # the memo in use (one per simulation)
 
 def _kind(func) -> str | None:
     """The op's memo kind, or None where it is not memoized."""
-    if not isinstance(func, torch._ops.OpOverload) or func.namespace not in _NAMESPACES:
+    if not isinstance(func, torch._ops.OpOverload):
+        return None
+    if func.namespace == "c10d":
+        returns = func._schema.returns
+        return _COLLECTIVE if returns and "Work" in str(returns[-1].type) else None
+    if func.namespace not in _NAMESPACES:
         return None
     if any(tag in func.tags for tag in _SKIP_TAGS) or func._schema.name.split("::")[-1] in _SKIP_NAMES:
         return None
@@ -194,11 +203,13 @@ class _Memo:
             return kwargs["out"]
         _, single, items, relative = recipe
         source = args[0] if kind is _VIEW else None
-        mode = self.mode
+        mark = torch._C._set_warn_deprecated_on_mutable_data_ptr if self.mode._allow_unsafe_data_ptr_access \
+            else torch._C._set_throw_on_mutable_data_ptr
+        make, empty = torch.Tensor._make_subclass, torch.empty_strided
         outs = []
-        for shape, stride, dtype, requires_grad, conj, neg, offset, device, attrs in items:
-            with torch._C._DisableTorchDispatch():
-                elem = torch.empty_strided(shape, stride, dtype=dtype, device="meta", requires_grad=requires_grad)
+        with torch._C._DisableTorchDispatch():
+            for shape, stride, dtype, requires_grad, conj, neg, offset, device, attrs in items:
+                elem = empty(shape, stride, dtype=dtype, device=_META, requires_grad=requires_grad)
                 if conj:
                     torch._C._set_conj(elem, True)
                 if neg:
@@ -206,15 +217,40 @@ class _Memo:
                 if source is not None:
                     start = source.storage_offset() + offset if relative else offset
                     elem.set_(source.untyped_storage(), start, shape, stride)
-            t = torch.Tensor._make_subclass(FakeTensor, elem, requires_grad, dispatch_device=True,
-                                            device_for_backend_keys=device)
-            if not mode._allow_unsafe_data_ptr_access:
-                torch._C._set_throw_on_mutable_data_ptr(t)
-            else:
-                torch._C._set_warn_deprecated_on_mutable_data_ptr(t)
-            t.__dict__.update(attrs)
-            outs.append(t)
+                t = make(FakeTensor, elem, requires_grad, dispatch_device=True, device_for_backend_keys=device)
+                mark(t)
+                t.__dict__.update(attrs)
+                outs.append(t)
         return outs[0] if single else tuple(outs)
+
+    # ---------------------------------------------------------------- collectives
+    def _fakes_of_mode(self, values) -> bool | None:
+        """True when every tensor in ``values`` is a plain fake of this mode; None otherwise."""
+        for v in values:
+            tv = type(v)
+            if tv is FakeTensor:
+                if v.fake_mode is not self.mode or v.constant is not None:
+                    return None
+            elif tv is list or tv is tuple:
+                if self._fakes_of_mode(v) is None:
+                    return None
+            elif isinstance(v, torch.Tensor):
+                return None
+        return True
+
+    def _collective(self, func, args, kwargs):
+        """A ``c10d`` collective on fakes of this mode: its meta kernel under the fake mode's kernel
+        invocation, as ``FakeTensorMode`` runs it (the fake process group's kernels return their
+        input tensors and a completed Work; nothing is allocated), without the mode's per-call
+        checks and cache-key work. Anything else goes through the fake mode."""
+        if self._fakes_of_mode(args) is None or self._fakes_of_mode(kwargs.values()) is None:
+            return func(*args, **kwargs)
+        with in_kernel_invocation_manager(self.mode):
+            out = func(*args, **kwargs)
+        if self._fakes_of_mode(out if isinstance(out, (list, tuple)) else (out,)) is None:
+            raise RuntimeError(f"{func} returned a tensor that is not a fake of the simulation's mode")
+        self.hits += 1
+        return out
 
     # ---------------------------------------------------------------- call
     def __call__(self, func, args, kwargs):
@@ -225,6 +261,8 @@ class _Memo:
             kind = self.kinds[func] = _kind(func)
         if kind is None:
             return func(*args, **kwargs)
+        if kind is _COLLECTIVE:
+            return self._collective(func, args, kwargs)
         relative = kind is _VIEW and func._schema.name.split("::")[-1] in _RELATIVE_VIEWS
         key = self._key(kind, relative, args, kwargs)
         if key is _UNKEYED:

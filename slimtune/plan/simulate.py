@@ -29,20 +29,19 @@ and says so (``SimResult.notes``):
   an all-ones mask (:func:`_maskless_causal`).
 
 Speed (a 70B recipe is a few hundred thousand fake ops): nothing is skipped or extrapolated --
-every layer of every micro-batch runs. What is made cheaper is the cost per op: the tracker and
+every layer of every micro-batch runs. What is made cheaper is the cost per op:
+``memory.fast_fake_ops`` memoizes fake ops one level above ``FakeTensorMode`` (keys without the
+storage offsets a functional op cannot depend on, outputs built directly; ``c10d`` collectives run
+their fake-process-group kernel without the mode's per-call checks); the tracker and
 :func:`_fast_device_mode` answer ``prim.device`` (about 60% of dispatches) in place and pass views
-through, and ``memory.fast_fake_cache_keys`` computes ``FakeTensorMode``'s cache keys in one tuple
-per tensor. Two more remove work that allocates nothing a tracker would see differently:
+through; and ``memory.fast_fake_cache_keys`` computes ``FakeTensorMode``'s own cache keys in one
+tuple per tensor. Two more remove work that allocates nothing a tracker would see differently:
 ``memory.fast_strided_shard_flag`` (FSDP2) makes one quadratic scan of DTensor's foreach sharding
-propagation linear (the first optimizer step over 1120 LoRA DTensors: ~45 s of a 70B run), and
-:func:`replay_nf4_dequant` (torchao NF4) repeats the tracker events of torchao's dequantization,
-recorded once per weight layout, instead of re-running its 20-odd fake ops 9 times per linear per
-step (``memory.replay_pure_calls``). tests/unit/test_simulate_speed.py checks that the peak,
-breakdown and phase peaks are byte-identical with and without each of them.
-
-Measured (``OMP_NUM_THREADS=1 /usr/bin/time slimtune plan --config configs/llama70b_qlora_fsdp2.yaml
---gpus 2 --gpu-mem 24GiB --simulate``, 2-core CPU shared with other jobs): 119 s user before the
-last two, 100 s after; the same peak (16,748,769,292 bytes).
+propagation linear, and :func:`replay_nf4_dequant` (torchao NF4) repeats the tracker events of
+torchao's dequantization, recorded once per weight layout, instead of re-running its 20-odd fake
+ops 9 times per linear per step (``memory.replay_pure_calls``). tests/unit/test_simulate_speed.py
+and tests/unit/test_fast_ops.py check that the peak, breakdown and phase peaks are byte-identical
+with and without each of them. Wall times of the 70B recipes: docs/planner.md.
 
 DTensor's sharding propagation caches its answers per process; on a miss it builds fake tensors
 that the tracker counts as optimizer-phase temporaries. A second simulation in one process can
@@ -305,9 +304,17 @@ def _zero3_patches(world: int, notes: list[str]) -> list:
 
     import slimtune.launch.zero3 as zero3
 
+    import deepspeed.runtime.zero.parameter_offload as offload
+
     notes.append("DeepSpeed: Module.to on fake parameters assigns .data instead of swapping them; the cross-rank "
                  "module-order check and the non-finite grad-norm check are answered as in a healthy run")
-    return [mock.patch.object(nn.Module, "_apply", _fake_apply),
+    # DeepSpeed asks ``hasattr(module, '_z3_leaf') and module._z3_leaf`` several times per module per
+    # pass; for the (usual) module without the flag, ``hasattr`` goes through ``Module.__getattr__``
+    # and a caught AttributeError. The flag is an instance attribute (``set_z3_leaf_module``), so
+    # reading the instance dict gives the same answer.
+    leaf = lambda module: module.__dict__.get("_z3_leaf", False)  # noqa: E731
+    return [mock.patch.object(offload, "z3_leaf_module", leaf), mock.patch.object(coordinator, "z3_leaf_module", leaf),
+            mock.patch.object(nn.Module, "_apply", _fake_apply),
             mock.patch.object(coordinator, "assert_ints_same_as_other_ranks", lambda ints: None),
             mock.patch.object(stage3, "is_invalid_grad_norm", lambda norm: False),
             mock.patch.object(zero3, "publish", lambda *a, **k: [])]

@@ -106,14 +106,14 @@ def test_ops_whose_outputs_need_values_or_change_metadata_are_not_memoized():
 
     aten = torch.ops.aten
     for op in (aten.nonzero.default, aten._local_scalar_dense.default, aten.set_.source_Storage_storage_offset,
-               aten.resize_.default, aten.t_.default, aten._foreach_add_.Scalar,
-               torch.ops.c10d._allgather_base_.default):
+               aten.resize_.default, aten.t_.default, aten._foreach_add_.Scalar):
         assert _kind(op) is None, op
     assert _kind(aten.mm.default) == "functional"
     assert _kind(aten.add_.Tensor) == "inplace"
     assert _kind(aten.slice.Tensor) == "view"
     assert _kind(aten._unsafe_view.default) == "view"
     assert _kind(aten.cat.out) == "out"
+    assert _kind(torch.ops.c10d._allgather_base_.default) == "collective"
 
 
 def test_memo_leaves_no_trace_outside_its_context():
@@ -179,3 +179,25 @@ def test_simulation_is_unchanged_by_the_op_memo(overrides, world, tmp_path):
     assert fast.peak_bytes == plain.peak_bytes > 0
     assert fast.breakdown == plain.breakdown
     assert fast.phases == plain.phases
+
+
+def test_collectives_on_the_fake_process_group_return_what_fake_mode_returns():
+    from slimtune.plan.simulate import fake_process_group
+    import torch.distributed as dist
+
+    seen = []
+    with fake_process_group(2):
+        for memo_on in (False, True):
+            mode = FakeTensorMode()
+            with contextlib.ExitStack() as stack:
+                stack.enter_context(mode)
+                memo = stack.enter_context(fast_fake_ops(mode)) if memo_on else None
+                stack.enter_context(_Through())
+                a, out = torch.empty(4, 6), torch.empty(8, 6)
+                results = [dist.all_gather_into_tensor(out, a), dist.broadcast(a, 0), dist.all_reduce(a),
+                           dist.reduce_scatter_tensor(a, out), dist.all_gather_into_tensor(out, a, async_op=True).wait()]
+                tensors = [t for t in (a, out)]
+                seen.append(([type(r).__name__ for r in results], [_describe(t, [a, out]) for t in tensors]))
+            if memo_on:
+                assert memo.hits >= 5
+    assert seen[0] == seen[1]

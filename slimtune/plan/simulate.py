@@ -37,7 +37,8 @@ their fake-process-group kernel without the mode's per-call checks); the tracker
 through; and ``memory.fast_fake_cache_keys`` computes ``FakeTensorMode``'s own cache keys in one
 tuple per tensor. Two more remove work that allocates nothing a tracker would see differently:
 ``memory.fast_strided_shard_flag`` (FSDP2) makes one quadratic scan of DTensor's foreach sharding
-propagation linear, and :func:`replay_nf4_dequant` (torchao NF4) repeats the tracker events of
+propagation linear, ``memory.fast_foreach_strategies`` (FSDP2) computes its per-element strategies
+once per distinct element, and :func:`replay_nf4_dequant` (torchao NF4) repeats the tracker events of
 torchao's dequantization, recorded once per weight layout, instead of re-running its 20-odd fake
 ops 9 times per linear per step (``memory.replay_pure_calls``). tests/unit/test_simulate_speed.py
 and tests/unit/test_fast_ops.py check that the peak, breakdown and phase peaks are byte-identical
@@ -625,7 +626,8 @@ def simulate(cfg, world: int = 1, steps: int = 2, cuda_defaults: bool = True, fa
 
     from slimtune.launch import SHARDERS, track_engine
     from slimtune.launch.dist import DistInfo
-    from slimtune.memory import MemoryTracker, fast_fake_cache_keys, fast_fake_ops, fast_strided_shard_flag
+    from slimtune.memory import (MemoryTracker, fast_fake_cache_keys, fast_fake_ops, fast_foreach_strategies,
+                                 fast_strided_shard_flag)
     from slimtune.optim import build_optimizer
 
     t0 = time.perf_counter()
@@ -638,6 +640,7 @@ def simulate(cfg, world: int = 1, steps: int = 2, cuda_defaults: bool = True, fa
             stack.enter_context(fake_process_group(world))
         if cfg.shard.strategy == "fsdp2":
             stack.enter_context(fast_strided_shard_flag())
+            stack.enter_context(fast_foreach_strategies())
         if cfg.quant.name != "none" and cfg.quant.backend == "torchao":
             stack.enter_context(replay_nf4_dequant())
         for patch in SHARD_SIMULATION[cfg.shard.strategy](world, notes):

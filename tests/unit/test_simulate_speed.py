@@ -125,7 +125,8 @@ def _cold_caches():
     _clear_sharding_prop_cache()
 
 
-FAST_PATHS = ["slimtune.memory.fast_strided_shard_flag", "slimtune.plan.simulate.replay_nf4_dequant"]
+FAST_PATHS = ["slimtune.memory.fast_strided_shard_flag", "slimtune.memory.fast_foreach_strategies",
+              "slimtune.plan.simulate.replay_nf4_dequant"]
 
 
 def _simulate_plain_and_fast(cfg, world, fast_names=FAST_PATHS):

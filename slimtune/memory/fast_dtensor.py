@@ -20,6 +20,7 @@ because torch has no switch for it.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 
 __all__ = ["fast_strided_shard_flag"]
@@ -65,6 +66,9 @@ def fast_foreach_strategies() -> Iterator[None]:
     arguments -- the element's ``OpSchema`` (compared by value: op, argument specs and tensor
     metadata), the output's tensor metadata and the flags -- so equal arguments get the object the
     first call built. Schemas torch cannot hash (symbolic shapes) go through torch's own code.
+    Two per-element steps are made cheaper the same way: the element-wise overload of a foreach op
+    is looked up once per op, and the per-element argument lists are rebuilt without pytree (see
+    ``_map_plain``).
     Sharding propagation chooses the same shardings; no tensor is allocated by it. Written here
     because torch has no switch for it.
     """
@@ -99,10 +103,68 @@ def fast_foreach_strategies() -> Iterator[None]:
                                    single_mesh_dim_strategies)
         return hit[0]
 
+    tree_map_only = sds.tree_map_only
+    tuple_strategy = sds.TupleStrategy
+
+    def map_children(type_or_types, func, tree, is_leaf=None):
+        """``tree_map_only(TupleStrategy, ...)`` over the plain containers of an op schema's
+        arguments. Per element it would flatten every argument with pytree, a ``ScalarList``
+        argument of N numbers included: N x N pytree leaves over the N elements of one foreach op.
+        Tuples, lists and dicts are rebuilt with the same types and contents (TupleStrategy
+        leaves mapped); anything else pytree might treat as a container goes to torch's function."""
+        if type_or_types is not tuple_strategy:
+            return tree_map_only(type_or_types, func, tree, is_leaf=is_leaf)
+        try:
+            return _map_plain(tree, tuple_strategy, func)
+        except _NotPlain:
+            return tree_map_only(type_or_types, func, tree, is_leaf=is_leaf)
+
+    resolve = sds._resolve_foreach_elementwise_overload  # a function of the op alone, asked per element
+
     sds._PreparedSingleDimStrategy = prepare
     ops_utils.expand_to_full_mesh_op_strategy = expand_memo
+    sds.tree_map_only = map_children
+    sds._resolve_foreach_elementwise_overload = functools.lru_cache(maxsize=None)(resolve)
     try:
         yield
     finally:
         sds._PreparedSingleDimStrategy = prepared_cls
         ops_utils.expand_to_full_mesh_op_strategy = expand
+        sds.tree_map_only = tree_map_only
+        sds._resolve_foreach_elementwise_overload = resolve
+
+
+class _NotPlain(Exception):
+    """A value that is neither a plain container nor a known leaf (see ``_map_plain``)."""
+
+
+def _leaf_types() -> tuple:
+    import torch
+    from torch.distributed.tensor._op_schema import OpStrategy
+
+    return (int, float, bool, str, type(None), torch.dtype, torch.device, torch.layout, torch.memory_format,
+            OpStrategy)
+
+
+_LEAVES: list = []
+
+
+def _map_plain(x, tuple_strategy, func):
+    """``func`` applied to every ``tuple_strategy`` in ``x`` through exact tuples, lists and dicts;
+    raises ``_NotPlain`` on any other type that is not a known leaf (pytree may know it as a node)."""
+    if not _LEAVES:
+        _LEAVES.extend(_leaf_types())
+    t = type(x)
+    if t is tuple_strategy:
+        return func(x)
+    if t is tuple:
+        return tuple(_map_plain(v, tuple_strategy, func) for v in x)
+    if t is list:
+        if all(type(v) in (int, float, bool) for v in x):
+            return list(x)  # a ScalarList: numbers are leaves pytree maps to themselves
+        return [_map_plain(v, tuple_strategy, func) for v in x]
+    if t is dict:
+        return {k: _map_plain(v, tuple_strategy, func) for k, v in x.items()}
+    if t in _LEAVES:
+        return x
+    raise _NotPlain(t)

@@ -169,3 +169,22 @@ def test_simulation_is_unchanged_by_the_dtensor_and_nf4_speedups(overrides, worl
     assert fast.breakdown == plain.breakdown
     assert fast.phases == plain.phases
     assert sp._propagate_use_strided_shard_flag.__module__ == sp.__name__  # patch undone
+
+
+def test_plain_mapping_of_foreach_arguments_matches_pytree():
+    """``fast_foreach_strategies`` rebuilds a foreach op's per-element arguments without pytree:
+    the same containers and contents as ``tree_map_only``, and torch's function for anything else."""
+    from torch.distributed.tensor._op_schema import OpStrategy, TupleStrategy
+    from torch.utils._pytree import tree_map_only
+
+    from slimtune.memory.fast_dtensor import _map_plain, _NotPlain
+
+    kids = [OpStrategy([]) for _ in range(3)]
+    tree = ((TupleStrategy(kids), [0.1, 0.2, 0.3], TupleStrategy(kids), 2, None), {"alpha": 1.5, "out": [TupleStrategy(kids)]})
+    pick = lambda x: x.children[1]  # noqa: E731
+    ours = _map_plain(tree, TupleStrategy, pick)
+    ref = tree_map_only(TupleStrategy, pick, tree, is_leaf=lambda x: isinstance(x, TupleStrategy))
+    assert ours == ref and type(ours[1]) is dict and type(ours[0][1]) is list
+    assert ours[0][0] is kids[1] and ours[1]["out"][0] is kids[1]
+    with pytest.raises(_NotPlain):
+        _map_plain((torch.Size([2, 3]),), TupleStrategy, pick)  # a pytree node type it does not know

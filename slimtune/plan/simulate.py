@@ -295,30 +295,59 @@ def _fake_apply(self: nn.Module, fn, recurse: bool = True) -> nn.Module:
     return self
 
 
+def _zero3_iter_params(original):
+    """DeepSpeed's ``iter_params(module, recurse=False)``: the module's own parameters in
+    registration order (``named_parameters(recurse=False)``: None entries skipped, each parameter
+    once) then its ZeRO external parameters -- read from the module's dicts instead of through
+    ``named_parameters``' generators (DeepSpeed asks it for every module several times per pass,
+    and for every module of its reuse look-ahead). Recursive calls, and modules registering one
+    parameter twice, go to DeepSpeed's function."""
+
+    def iter_params(module, recurse=False):
+        if recurse:
+            return original(module, recurse)
+        own = [p for p in module._parameters.values() if p is not None]
+        if len({id(p) for p in own}) != len(own):
+            return original(module, recurse)
+        external = module.__dict__.get("_external_params")
+        return own + list(external.values()) if external else own
+
+    return iter_params
+
+
+def _zero3_speedups() -> list:
+    """Two of DeepSpeed's per-module questions answered from the module's dicts, with the same
+    answers (tests/unit/test_simulate_speed.py compares whole simulations with and without):
+    ``z3_leaf_module`` -- ``hasattr(module, '_z3_leaf') and module._z3_leaf``, where for the usual
+    module without the flag ``hasattr`` goes through ``Module.__getattr__`` and a caught
+    AttributeError (the flag is an instance attribute, ``set_z3_leaf_module``) -- and
+    :func:`_zero3_iter_params`."""
+    import deepspeed.runtime.zero.parameter_offload as offload
+    import deepspeed.runtime.zero.partitioned_param_coordinator as coordinator
+
+    leaf = lambda module: module.__dict__.get("_z3_leaf", False)  # noqa: E731
+    params = _zero3_iter_params(coordinator.iter_params)
+    return [mock.patch.object(offload, "z3_leaf_module", leaf), mock.patch.object(coordinator, "z3_leaf_module", leaf),
+            mock.patch.object(offload, "iter_params", params), mock.patch.object(coordinator, "iter_params", params)]
+
+
 def _zero3_patches(world: int, notes: list[str]) -> list:
     """DeepSpeed on fake tensors: ``Module.to`` through :func:`_fake_apply`; two checks that read
     values are answered as in a healthy run -- the cross-rank agreement on the module order
     (every fake rank is this one) and the non-finite gradient-norm check (finite) -- and the
-    shard report is skipped."""
+    shard report is skipped. Plus :func:`_zero3_speedups`."""
     import deepspeed.runtime.zero.partitioned_param_coordinator as coordinator
     import deepspeed.runtime.zero.stage3 as stage3
 
     import slimtune.launch.zero3 as zero3
 
-    import deepspeed.runtime.zero.parameter_offload as offload
-
     notes.append("DeepSpeed: Module.to on fake parameters assigns .data instead of swapping them; the cross-rank "
                  "module-order check and the non-finite grad-norm check are answered as in a healthy run")
-    # DeepSpeed asks ``hasattr(module, '_z3_leaf') and module._z3_leaf`` several times per module per
-    # pass; for the (usual) module without the flag, ``hasattr`` goes through ``Module.__getattr__``
-    # and a caught AttributeError. The flag is an instance attribute (``set_z3_leaf_module``), so
-    # reading the instance dict gives the same answer.
-    leaf = lambda module: module.__dict__.get("_z3_leaf", False)  # noqa: E731
-    return [mock.patch.object(offload, "z3_leaf_module", leaf), mock.patch.object(coordinator, "z3_leaf_module", leaf),
-            mock.patch.object(nn.Module, "_apply", _fake_apply),
-            mock.patch.object(coordinator, "assert_ints_same_as_other_ranks", lambda ints: None),
-            mock.patch.object(stage3, "is_invalid_grad_norm", lambda norm: False),
-            mock.patch.object(zero3, "publish", lambda *a, **k: [])]
+    return _zero3_speedups() + [
+        mock.patch.object(nn.Module, "_apply", _fake_apply),
+        mock.patch.object(coordinator, "assert_ints_same_as_other_ranks", lambda ints: None),
+        mock.patch.object(stage3, "is_invalid_grad_norm", lambda norm: False),
+        mock.patch.object(zero3, "publish", lambda *a, **k: [])]
 
 
 # shard.strategy -> patches that let its engine run on fake tensors (one table, as launch.SHARDERS)

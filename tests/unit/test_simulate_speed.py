@@ -188,3 +188,34 @@ def test_plain_mapping_of_foreach_arguments_matches_pytree():
     assert ours[0][0] is kids[1] and ours[1]["out"][0] is kids[1]
     with pytest.raises(_NotPlain):
         _map_plain((torch.Size([2, 3]),), TupleStrategy, pick)  # a pytree node type it does not know
+
+
+@pytest.mark.parametrize("overrides", [
+    ["method.name=lora", "quant.name=nf4", "quant.quant_storage=bfloat16", "model.dtype=bfloat16",
+     "quant.compute_dtype=bfloat16", "train.activation_checkpointing=true", "train.grad_accum=2",
+     "shard.deepspeed_config=configs/deepspeed/zero3_offload.json"],
+    ["method.name=full", "train.grad_accum=2"],
+], ids=["qlora-bnb-offload-ckpt", "full"])
+def test_simulation_is_unchanged_by_the_zero3_speedups(overrides, tmp_path):
+    """DeepSpeed's leaf-module flag and per-module parameter lists read from the module's dicts
+    (``_zero3_speedups``): byte-identical peak, breakdown and phase peaks, and they were used."""
+    import slimtune.plan.simulate as sim
+
+    cfg = load_config(None, TINY + [f"output.dir={tmp_path}", "shard.strategy=deepspeed_zero3"] + overrides)
+    calls = []
+    real = sim._zero3_iter_params
+
+    def counting(original):
+        fast = real(original)
+        return lambda module, recurse=False: calls.append(recurse) or fast(module, recurse)
+
+    _cold_caches()
+    with mock.patch.object(sim, "_zero3_iter_params", counting):
+        fast = simulate(cfg, world=2)
+    assert calls.count(False) > 0
+    _cold_caches()
+    with mock.patch.object(sim, "_zero3_speedups", lambda: []):
+        plain = simulate(cfg, world=2)
+    assert fast.peak_bytes == plain.peak_bytes > 0
+    assert fast.breakdown == plain.breakdown
+    assert fast.phases == plain.phases

@@ -334,16 +334,26 @@ def _zero3_speedups() -> list:
 def _zero3_patches(world: int, notes: list[str]) -> list:
     """DeepSpeed on fake tensors: ``Module.to`` through :func:`_fake_apply`; two checks that read
     values are answered as in a healthy run -- the cross-rank agreement on the module order
-    (every fake rank is this one) and the non-finite gradient-norm check (finite) -- and the
-    shard report is skipped. Plus :func:`_zero3_speedups`."""
+    (every fake rank is this one) and the non-finite gradient-norm check (finite) -- the shard
+    report is skipped, and no CPU shared-memory comm op is built (a GPU run has none). Plus
+    :func:`_zero3_speedups`."""
     import deepspeed.runtime.zero.partitioned_param_coordinator as coordinator
     import deepspeed.runtime.zero.stage3 as stage3
 
     import slimtune.launch.zero3 as zero3
 
+    import importlib
+
+    ds_torch_comm = importlib.import_module("deepspeed.comm.torch")  # ``deepspeed.comm.torch`` as an
+    # attribute is the ``torch`` package that module imports
+
     notes.append("DeepSpeed: Module.to on fake parameters assigns .data instead of swapping them; the cross-rank "
                  "module-order check and the non-finite grad-norm check are answered as in a healthy run")
+    # On a CPU accelerator DeepSpeed's comm backend JIT-compiles its shared-memory collective op
+    # (about a minute of C++ the first time in an environment); a GPU run (the run being planned)
+    # has no such op and goes through torch.distributed -- here, the fake process group.
     return _zero3_speedups() + [
+        mock.patch.object(ds_torch_comm, "build_shm_op", lambda: None),
         mock.patch.object(nn.Module, "_apply", _fake_apply),
         mock.patch.object(coordinator, "assert_ints_same_as_other_ranks", lambda ints: None),
         mock.patch.object(stage3, "is_invalid_grad_norm", lambda norm: False),

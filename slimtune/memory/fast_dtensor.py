@@ -77,31 +77,9 @@ def fast_foreach_strategies() -> Iterator[None]:
 
     prepared_cls = sds._PreparedSingleDimStrategy
     expand = ops_utils.expand_to_full_mesh_op_strategy
-    prepared: dict = {}
-    expanded: dict = {}
-
-    def prepare(strategy_info, op_schema, output_tensor_meta, **kwargs):
-        try:
-            key = (id(strategy_info), op_schema, output_tensor_meta, tuple(sorted(kwargs.items())))
-            hit = prepared.get(key)
-        except TypeError:  # unhashable (symbolic shapes): torch's own construction
-            return prepared_cls(strategy_info, op_schema, output_tensor_meta, **kwargs)
-        if hit is None:
-            hit = prepared[key] = (prepared_cls(strategy_info, op_schema, output_tensor_meta, **kwargs), strategy_info)
-        return hit[0]
-
-    def expand_memo(mesh, op_schema, single_mesh_dim_strategies, **kwargs):
-        try:
-            key = (id(mesh), op_schema, id(single_mesh_dim_strategies),
-                   tuple((k, v if not isinstance(v, list) else tuple(v)) for k, v in sorted(kwargs.items())))
-            hit = expanded.get(key)
-        except TypeError:
-            return expand(mesh, op_schema, single_mesh_dim_strategies, **kwargs)
-        if hit is None:
-            # mesh and the strategy list are held so their ids stay theirs
-            hit = expanded[key] = (expand(mesh, op_schema, single_mesh_dim_strategies, **kwargs), mesh,
-                                   single_mesh_dim_strategies)
-        return hit[0]
+    prepare = _by_value(prepared_cls, lambda info, schema, meta, **kw: (id(info), schema, meta, _items(kw)))
+    expand_memo = _by_value(expand, lambda mesh, schema, strategies, **kw: (id(mesh), schema, id(strategies),
+                                                                           _items(kw)))
 
     tree_map_only = sds.tree_map_only
     tuple_strategy = sds.TupleStrategy
@@ -134,26 +112,45 @@ def fast_foreach_strategies() -> Iterator[None]:
         sds._resolve_foreach_elementwise_overload = resolve
 
 
+def _items(kwargs: dict) -> tuple:
+    return tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in sorted(kwargs.items()))
+
+
+def _by_value(fn, key_of):
+    """``fn`` answered once per ``key_of(*args, **kwargs)``; the arguments are held with the
+    answer (so the ``id``s in a key stay theirs). Arguments torch cannot hash (symbolic shapes)
+    go to ``fn`` every time."""
+    answers: dict = {}
+
+    def call(*args, **kwargs):
+        try:
+            key = key_of(*args, **kwargs)
+            hit = answers.get(key)
+        except TypeError:
+            return fn(*args, **kwargs)
+        if hit is None:
+            hit = answers[key] = (fn(*args, **kwargs), args)
+        return hit[0]
+
+    return call
+
+
 class _NotPlain(Exception):
     """A value that is neither a plain container nor a known leaf (see ``_map_plain``)."""
 
 
-def _leaf_types() -> tuple:
+@functools.cache
+def _leaf_types() -> frozenset:
     import torch
     from torch.distributed.tensor._op_schema import OpStrategy
 
-    return (int, float, bool, str, type(None), torch.dtype, torch.device, torch.layout, torch.memory_format,
-            OpStrategy)
-
-
-_LEAVES: list = []
+    return frozenset({int, float, bool, str, type(None), torch.dtype, torch.device, torch.layout,
+                      torch.memory_format, OpStrategy})
 
 
 def _map_plain(x, tuple_strategy, func):
     """``func`` applied to every ``tuple_strategy`` in ``x`` through exact tuples, lists and dicts;
     raises ``_NotPlain`` on any other type that is not a known leaf (pytree may know it as a node)."""
-    if not _LEAVES:
-        _LEAVES.extend(_leaf_types())
     t = type(x)
     if t is tuple_strategy:
         return func(x)
@@ -165,6 +162,6 @@ def _map_plain(x, tuple_strategy, func):
         return [_map_plain(v, tuple_strategy, func) for v in x]
     if t is dict:
         return {k: _map_plain(v, tuple_strategy, func) for k, v in x.items()}
-    if t in _LEAVES:
+    if t in _leaf_types():
         return x
     raise _NotPlain(t)

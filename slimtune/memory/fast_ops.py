@@ -82,7 +82,7 @@ def _kind(func) -> str | None:
         return _COLLECTIVE if returns and "Work" in str(returns[-1].type) else None
     if func.namespace not in _NAMESPACES:
         return None
-    if any(tag in func.tags for tag in _SKIP_TAGS) or func._schema.name.split("::")[-1] in _SKIP_NAMES:
+    if any(tag in func.tags for tag in _SKIP_TAGS) or func._opname in _SKIP_NAMES:
         return None
     schema = func._schema
     if func is torch.ops.aten._unsafe_view.default:
@@ -110,7 +110,7 @@ def _layout(t) -> tuple:
 class _Memo:
     def __init__(self, fake_mode) -> None:
         self.mode = fake_mode
-        self.kinds: dict = {}  # func -> kind | None
+        self.kinds: dict = {}  # func -> (kind | None, relative view?)
         self.outputs: dict = {}  # key -> recipe | None (not memoizable)
         self.hits = 0
         self.misses = 0
@@ -256,14 +256,15 @@ class _Memo:
     def __call__(self, func, args, kwargs):
         if torch._C._get_dispatch_mode(_FAKE_SLOT) is not self.mode:
             return func(*args, **kwargs)  # e.g. a factory call under ``unset_fake_temporarily``
-        kind = self.kinds.get(func, _UNKEYED)
-        if kind is _UNKEYED:
-            kind = self.kinds[func] = _kind(func)
+        known = self.kinds.get(func)
+        if known is None:
+            kind = _kind(func)
+            known = self.kinds[func] = (kind, kind is _VIEW and func._opname in _RELATIVE_VIEWS)
+        kind, relative = known
         if kind is None:
             return func(*args, **kwargs)
         if kind is _COLLECTIVE:
             return self._collective(func, args, kwargs)
-        relative = kind is _VIEW and func._schema.name.split("::")[-1] in _RELATIVE_VIEWS
         key = self._key(kind, relative, args, kwargs)
         if key is _UNKEYED:
             return func(*args, **kwargs)

@@ -337,15 +337,15 @@ def _zero3_patches(world: int, notes: list[str]) -> list:
     (every fake rank is this one) and the non-finite gradient-norm check (finite) -- the shard
     report is skipped, and no CPU shared-memory comm op is built (a GPU run has none). Plus
     :func:`_zero3_speedups`."""
+    import importlib
+
     import deepspeed.runtime.zero.partitioned_param_coordinator as coordinator
     import deepspeed.runtime.zero.stage3 as stage3
 
     import slimtune.launch.zero3 as zero3
 
-    import importlib
-
-    ds_torch_comm = importlib.import_module("deepspeed.comm.torch")  # ``deepspeed.comm.torch`` as an
-    # attribute is the ``torch`` package that module imports
+    # (``import deepspeed.comm.torch as m`` would bind the ``torch`` package that module imports)
+    ds_torch_comm = importlib.import_module("deepspeed.comm.torch")
 
     notes.append("DeepSpeed: Module.to on fake parameters assigns .data instead of swapping them; the cross-rank "
                  "module-order check and the non-finite grad-norm check are answered as in a healthy run")

@@ -91,5 +91,11 @@ def broadcast_object(obj, src: int = 0):
 
 
 def shutdown() -> None:
+    """Destroy the process group while the interpreter is whole: first collect cyclic garbage
+    (engines, hooks) that may still hold tensors of finished gloo work, so none is left for the
+    group's worker threads to drop during interpreter exit."""
     if dist.is_available() and dist.is_initialized():
+        import gc
+
+        gc.collect()
         dist.destroy_process_group()

@@ -234,6 +234,9 @@ class FSDP2Engine:
         (by memory category, for trackers): none here."""
         return {}
 
+    def close(self) -> None:
+        """Release what the engine holds beyond the run (nothing: FSDP2's state lives on the module)."""
+
     # -- eval / export ---------------------------------------------------------------------
     def unwrapped(self) -> nn.Module:
         """The sharded model: its forward (and ``generate`` with ``synced_gpus``) gathers layers."""

@@ -119,6 +119,9 @@ class ReplicatedEngine:
         (by memory category, for trackers): none here."""
         return {}
 
+    def close(self) -> None:
+        """Release what the engine holds beyond the run (nothing here; see ZeRO3Engine.close)."""
+
     def unwrapped(self) -> nn.Module:
         """The full model (for export and eval); already whole here."""
         return self.model

@@ -326,6 +326,28 @@ class ZeRO3Engine:
         buffers += [b.buffer for b in getattr(zero, "ipg_buckets", {}).values()]
         return {"optimizer": masters, "grads": [t for t in buffers if isinstance(t, torch.Tensor)]}
 
+    def close(self) -> None:
+        """Let go of the run.  DeepSpeed keeps every engine it builds alive for the life of the process:
+        the module sits in ``parameter_offload.FWD_MODULE_STACK``, and the class-level ``lru_cache`` of
+        ``PartitionedParameterCoordinator.__params_to_release`` holds every coordinator and module it
+        was called with; neither is ever cleared.  So every engine built in a process (the trainer's,
+        a test's, ``plan.simulate.measure_real``'s) stayed alive with its partitions until interpreter
+        exit, where tearing it down can race gloo's worker threads (a SIGABRT at exit, "terminate called
+        without an active exception", was seen once in CI).  Here: ``DeepSpeedEngine.destroy`` (hooks,
+        ZeRO optimizer), then this module out of the stack, then the cache emptied (it only memoizes
+        a pure look-up: other live engines recompute their entries)."""
+        from deepspeed.runtime.zero import parameter_offload
+        from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
+
+        self.ds.destroy()
+        parameter_offload.FWD_MODULE_STACK[:] = [m for m in parameter_offload.FWD_MODULE_STACK
+                                                 if m is not self.module]
+        release = getattr(PartitionedParameterCoordinator, "_PartitionedParameterCoordinator__params_to_release", None)
+        # the cache sits under instrument_w_nvtx's wrapper (a closure, no __wrapped__)
+        for fn in [release, *(c.cell_contents for c in getattr(release, "__closure__", None) or ())]:
+            if hasattr(fn, "cache_clear"):
+                fn.cache_clear()
+
     # -- eval / export ---------------------------------------------------------------------
     def unwrapped(self) -> nn.Module:
         """The module; its forward gathers partitions, so all ranks must run it together."""

@@ -712,6 +712,7 @@ def simulate(cfg, world: int = 1, steps: int = 2, cuda_defaults: bool = True, fa
             del batches
             for _ in range(max(1, steps - 1)):
                 train_step(engine, cfg, vocab, tracker, fake=True, micro=2)
+        engine.close()
         if cfg.train.grad_accum > 2:
             notes.append(f"gradient accumulation: 2 of the {cfg.train.grad_accum} micro-batches of each step were run "
                          "(all were fetched, as the trainer does); micro-batches 3.. repeat the second one's memory")
@@ -750,8 +751,11 @@ def measure_real(cfg, steps: int = 2, seed: int = 0) -> SimResult:
     engine = SHARDERS[cfg.shard.strategy](model, cfg, info, build_optimizer)
     tracker = MemoryTracker()
     track_engine(tracker, model, engine)
-    with tracker:
-        for _ in range(steps):
-            train_step(engine, cfg, model.config.vocab_size, tracker)
+    try:
+        with tracker:
+            for _ in range(steps):
+                train_step(engine, cfg, model.config.vocab_size, tracker)
+    finally:
+        engine.close()
     return SimResult(peak_bytes=tracker.peak_bytes, breakdown=tracker.peak_breakdown, phases=tracker.phase_peaks,
                      world=world, seconds=time.perf_counter() - t0)

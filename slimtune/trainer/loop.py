@@ -287,6 +287,7 @@ def train(cfg: RunConfig) -> RunResult:
             result.eval.update(_recover_and_evaluate(full_model, tokenizer, cfg, prune_map, out_dir, info, data, step,
                                                      metrics, collate_fn))
     metrics.close()
+    engine.close()
     return result
 
 

@@ -25,7 +25,9 @@ def free_port() -> int:
 
 def launch_env() -> dict:
     env = os.environ.copy()
+    # PYTHONFAULTHANDLER: a worker killed by a signal (SIGABRT from C++, SIGSEGV) prints every thread's Python stack
     env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1",
+               PYTHONFAULTHANDLER="1",
                PYTHONPATH=f"{REPO}{os.pathsep}{env.get('PYTHONPATH', '')}")
     return env
 
@@ -52,6 +54,15 @@ def run(cmd: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(cmd, proc.returncode, out, None)
 
 
+def log_tail(out: str, chars: int = 8000) -> str:
+    """The end of a launcher's output without torch's repeated c10d deprecation warnings (two lines
+    per collective call site), which otherwise fill a failure message."""
+    lines = out.splitlines()
+    keep = [ln for i, ln in enumerate(lines)
+            if "FutureWarning" not in ln and not (i and "FutureWarning" in lines[i - 1] and "return func(" in ln)]
+    return "\n".join(keep)[-chars:]
+
+
 def run_jobs(launcher: list[str], jobs: list[dict], workdir: Path, name: str, timeout: float = 900) -> dict:
     """Launch ``_worker.py`` with ``jobs``; return {job name: result} (asserts the launch succeeded)."""
     spec = workdir / f"{name}.spec.json"
@@ -60,7 +71,7 @@ def run_jobs(launcher: list[str], jobs: list[dict], workdir: Path, name: str, ti
     t0 = time.perf_counter()
     proc = run([*launcher, str(WORKER), str(spec)], timeout=timeout)
     (workdir / f"{name}.log").write_text(proc.stdout)
-    assert proc.returncode == 0, f"{name} failed (rc={proc.returncode}):\n{proc.stdout[-8000:]}"
+    assert proc.returncode == 0, f"{name} failed (rc={proc.returncode}):\n{log_tail(proc.stdout)}"
     results = json.loads(out.read_text())
     results["_launch_seconds"] = time.perf_counter() - t0
     results["_log"] = proc.stdout

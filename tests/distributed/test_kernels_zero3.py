@@ -36,7 +36,7 @@ import pytest
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from _launch import BASE, job, run, run_jobs, torchrun  # noqa: E402
+from _launch import BASE, job, log_tail, run, run_jobs, torchrun  # noqa: E402
 
 pytestmark = pytest.mark.distributed
 
@@ -93,7 +93,7 @@ def zero3_launch(dist_workdir):
     t0 = time.perf_counter()
     proc = run(torchrun(2, str(Path(__file__).resolve()), "--worker", str(spec)), timeout=900)
     (w / "zero3.log").write_text(proc.stdout)
-    assert proc.returncode == 0, proc.stdout[-8000:]
+    assert proc.returncode == 0, log_tail(proc.stdout)
     results = json.loads(out.read_text())
     results["_launch_seconds"], results["_log"] = time.perf_counter() - t0, proc.stdout
     return results

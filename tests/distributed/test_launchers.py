@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from _launch import REPO, free_port, job, run, run_jobs, shard_report, torchrun
+from _launch import REPO, free_port, job, log_tail, run, run_jobs, shard_report, torchrun
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -42,7 +42,7 @@ def test_slurm_sbatch_example_runs(tmp_path):
            str(REPO / "tests/distributed/base.yaml"), "shard.strategy=fsdp2", "train.max_steps=2",
            f"output.dir={out}"]
     proc = run(cmd, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-6000:]
+    assert proc.returncode == 0, log_tail(proc.stdout)
     assert (out / "checkpoints" / "step-00000002" / "COMPLETE").is_file()
     assert [r["world_size"] for r in shard_report(out)] == [2, 2]
 

@@ -115,6 +115,7 @@ def _worker(spec_path: str) -> None:
         r = min(runs, key=lambda run: run.peak_bytes)
         out[name] = {"peak": r.peak_bytes, "breakdown": r.breakdown, "phases": r.phases, "seconds": r.seconds,
                      "peaks": [run.peak_bytes for run in runs]}
+        print(f"[rank {info.rank}] {name}: peaks {out[name]['peaks']}", flush=True)  # where a crash happened
     if info.is_main:
         Path(spec["out"]).write_text(json.dumps(out))
     shutdown()
@@ -123,13 +124,13 @@ def _worker(spec_path: str) -> None:
 def real_peaks(jobs: dict[str, list[str]], tmp_path: Path) -> dict:
     """Rank 0's real peaks of ``jobs`` ({name: overrides}) in one 2-rank ``torchrun``."""
     sys.path.insert(0, str(REPO / "tests" / "distributed"))
-    from _launch import run, torchrun
+    from _launch import log_tail, run, torchrun
 
     spec = tmp_path / "spec.json"
     out = tmp_path / "out.json"
     spec.write_text(json.dumps({"jobs": jobs, "out": str(out), "workdir": str(tmp_path)}))
     proc = run(torchrun(2, __file__, str(spec)), timeout=900)
-    assert proc.returncode == 0, proc.stdout[-6000:]
+    assert proc.returncode == 0, log_tail(proc.stdout)
     return json.loads(out.read_text())
 
 

@@ -289,3 +289,19 @@ def test_simulating_zero3_leaves_no_process_group_environment_behind(tmp_path, m
     assert simulate(cfg, world=2, cuda_defaults=False).peak_bytes > 0
     assert {k: os.environ[k] for k in keys if k in os.environ} == {}
     assert not dist.is_initialized()
+
+
+def test_a_closed_zero3_engine_is_not_kept_alive_by_deepspeed(tmp_path):
+    """DeepSpeed keeps every engine it builds (``FWD_MODULE_STACK``, a class-level ``lru_cache``);
+    ``ZeRO3Engine.close`` (which the trainer, ``measure_real`` and ``simulate`` call) lets it go, so
+    no engine is left for interpreter exit to tear down behind gloo's threads."""
+    import gc
+
+    def engines():
+        gc.collect()
+        return sum(type(o).__name__ == "DeepSpeedEngine" for o in gc.get_objects())
+
+    before = engines()
+    cfg = _cfg(tmp_path, ["method.name=lora", "shard.strategy=deepspeed_zero3"])
+    assert simulate(cfg, world=2, cuda_defaults=False).peak_bytes > 0
+    assert engines() == before

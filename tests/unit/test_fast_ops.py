@@ -82,6 +82,15 @@ def _program():
         run(lambda a: torch.ops.aten._unsafe_view.default(a, [6, 8]), x)
         run(lambda a, o: torch.cat([a, a], out=o), x, flat.narrow(0, start + 48, 96).view(16, 6))
         run(lambda a, o: torch.cat([a, a], out=o), x, torch.empty(0))  # resizes out: not memoized
+        # views keyed by integer arguments: a new key (first call: the direct meta-kernel view) per start
+        run(lambda s: flat[s + 7: s + 4000: 3], start)
+        run(lambda s: flat.narrow(0, s + 1, 5).select(0, 2), start)
+        run(lambda s: flat[-s - 9:], start)  # negative start
+        run(lambda s: flat.view(64, 64)[s % 64:, 1:70], start)  # end clamped
+        run(lambda s: torch.as_strided(flat, (3, 5), (5, 1), s + 11), start)  # absolute offset
+        run(lambda s: flat.view(64, 64).split_with_sizes([s % 7 + 1, 63 - s % 7]), start)
+        run(lambda a: a.unsqueeze(-1).transpose(0, 2).squeeze(0), x)
+        run(lambda a: a.view(2, 4, 6).permute(2, 0, 1), x)
     return results
 
 

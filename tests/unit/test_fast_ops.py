@@ -91,7 +91,27 @@ def _program():
         run(lambda s: flat.view(64, 64).split_with_sizes([s % 7 + 1, 63 - s % 7]), start)
         run(lambda a: a.unsqueeze(-1).transpose(0, 2).squeeze(0), x)
         run(lambda a: a.view(2, 4, 6).permute(2, 0, 1), x)
+        # in-place foreach ops (checked once per element layout) and a void op with out= tensors
+        ys = [x, x.t().contiguous(), x[:, :2], torch.empty(7, dtype=torch.bfloat16)]
+        run(lambda a, b: torch._foreach_addcmul_(ys, ys, ys, value=0.5) or ys, x, w)
+        run(lambda a, b: torch._foreach_lerp_(ys, [t.clone() for t in ys], 0.1) or ys, x, w)
+        run(lambda a, b: torch._foreach_addcdiv_(ys, ys, ys, [1.0, 2.0, 3.0, 4.0]) or ys, x, w)
+        run(lambda a, b: torch._foreach_mul_(ys, 2.0) or ys, x, w)
+        run(lambda a: torch._foreach_sqrt(ys), x)
+        outs = [torch.empty(16), torch.empty(32)]
+        run(lambda a: torch.split_with_sizes_copy(a.reshape(-1), [16, 32], out=outs) or outs, x)
     return results
+
+
+def test_foreach_ops_still_refuse_mismatched_elements():
+    """Per-element checking must not let a bad element through after good ones of other layouts."""
+    mode = FakeTensorMode()
+    with mode, fast_fake_ops(mode), _Through():
+        a, b = torch.empty(4, 3), torch.empty(5)
+        torch._foreach_add_([a, b], [a, b])
+        torch._foreach_add_([a, b, a], [a, b, a])
+        with pytest.raises(RuntimeError):
+            torch._foreach_add_([a, b], [a, torch.empty(3, 5)])
 
 
 def test_memoized_fake_ops_give_the_outputs_fake_mode_gives():
@@ -115,8 +135,9 @@ def test_ops_whose_outputs_need_values_or_change_metadata_are_not_memoized():
 
     aten = torch.ops.aten
     for op in (aten.nonzero.default, aten._local_scalar_dense.default, aten.set_.source_Storage_storage_offset,
-               aten.resize_.default, aten.t_.default, aten._foreach_add_.Scalar):
+               aten.resize_.default, aten.t_.default, aten.record_stream.default):
         assert _kind(op) is None, op
+    assert _kind(aten._foreach_add_.Scalar) == "void"
     assert _kind(aten.mm.default) == "functional"
     assert _kind(aten.add_.Tensor) == "inplace"
     assert _kind(aten.slice.Tensor) == "view"

@@ -698,6 +698,7 @@ def simulate(cfg, world: int = 1, steps: int = 2, cuda_defaults: bool = True, fa
         stack.enter_context(_maskless_causal(cfg.data.packing))
         with _fast_device_mode():
             engine = SHARDERS[cfg.shard.strategy](model, cfg, info, build_optimizer)
+        stack.callback(engine.close)  # on the way out, under the fake mode still (also after an error)
         if cuda_defaults:
             _foreach_like_cuda(engine.optimizer, notes)
         # Before step 1's optimizer step there is no optimizer state, so step 1's forward/backward
@@ -714,7 +715,6 @@ def simulate(cfg, world: int = 1, steps: int = 2, cuda_defaults: bool = True, fa
             del batches
             for _ in range(max(1, steps - 1)):
                 train_step(engine, cfg, vocab, tracker, fake=True, micro=2)
-        engine.close()
         if cfg.train.grad_accum > 2:
             notes.append(f"gradient accumulation: 2 of the {cfg.train.grad_accum} micro-batches of each step were run "
                          "(all were fetched, as the trainer does); micro-batches 3.. repeat the second one's memory")

@@ -49,23 +49,24 @@ def _trace(events: list, out: torch.Tensor):
     st = out.untyped_storage()
     if out.storage_offset() != 0 or not out.is_contiguous() or st.nbytes() != out.numel() * out.element_size():
         return _UNREPLAYABLE
-    out_key, local, steps = st._cdata, {}, []
+    # Storage keys are addresses, so a storage freed inside the call can hand its key to a later
+    # one -- the output's among them: the output is the one allocation still alive at the end.
+    local, steps = {}, []
     for ev in events:
         if ev[0] == "add":
             _, key, n, category, device = ev
-            if key == out_key:
-                if category != "temporaries":
-                    return _UNREPLAYABLE
-                steps.append(("out",))
-                continue
             local[key] = index = len(steps)  # unique: the step's own position
             steps.append(("add", index, n, category, device))
         elif ev[0] == "free" and ev[1] in local:
             steps.append(("free", local.pop(ev[1])))
         else:  # resize, retag, or the release of a storage from outside the call
             return _UNREPLAYABLE
-    if local or sum(s[0] == "out" for s in steps) != 1:
-        return _UNREPLAYABLE  # something the call allocated outlives it, or the output was not new
+    if list(local) != [st._cdata]:
+        return _UNREPLAYABLE  # something else the call allocated outlives it, or the output was not new
+    index = local[st._cdata]
+    if steps[index][3] != "temporaries":
+        return _UNREPLAYABLE
+    steps[index] = ("out",)
     return steps
 
 

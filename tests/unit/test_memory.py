@@ -537,6 +537,25 @@ class _Dequant:
         return out + extra.to(torch.bfloat16)
 
 
+def test_replay_trace_finds_the_output_when_a_freed_storage_hands_it_its_address():
+    """Storage keys are addresses: a storage freed inside the call can hand its key to the
+    output (torchao's dequantization did, on every 70B FSDP2 weight, so no call was replayed).
+    The output is the one allocation alive at the end, whatever key it shares."""
+    from slimtune.memory.replay import _UNREPLAYABLE, _trace
+
+    with FakeTensorMode():
+        out = torch.empty(16)
+    key = out.untyped_storage()._cdata
+    reused = [("add", key, 8, "temporaries", "cpu"), ("add", 7, 32, "temporaries", "cpu"), ("free", key),
+              ("add", key, 64, "temporaries", "cpu"), ("free", 7)]
+    assert _trace(reused, out) == [("add", 0, 8, "temporaries", "cpu"), ("add", 1, 32, "temporaries", "cpu"),
+                                   ("free", 0), ("out",), ("free", 1)]
+    assert _trace(reused[:-1], out) is _UNREPLAYABLE  # a second allocation outlives the call
+    assert _trace(reused[:3], out) is _UNREPLAYABLE  # the output's storage was not made by the call
+    assert _trace([("add", key, 64, "activations", "cpu")], out) is _UNREPLAYABLE
+    assert _trace([("add", key, 64, "temporaries", "cpu"), ("free", 99)], out) is _UNREPLAYABLE
+
+
 def test_replayed_calls_track_what_the_real_calls_do():
     """``replay_pure_calls``: a pure method run 6 times, in phases, between other allocations,
     with and without a grad-disabled region: the tracker's peak, breakdown, phase peaks, live

@@ -158,13 +158,18 @@ def test_simulation_is_unchanged_by_the_dtensor_and_nf4_speedups(overrides, worl
     import slimtune.memory.replay as rp
 
     cfg = load_config(None, TINY + [f"output.dir={tmp_path}"] + overrides)
+    traces = []
+    real_trace = rp._trace
     with mock.patch.object(fd, "_has_strided_shard", wraps=fd._has_strided_shard) as scans, \
-            mock.patch.object(rp, "_make_output", wraps=rp._make_output) as replays:
+            mock.patch.object(rp, "_make_output", wraps=rp._make_output) as replays, \
+            mock.patch.object(rp, "_trace", lambda ev, out: traces.append(real_trace(ev, out)) or traces[-1]):
         fast, plain = _simulate_plain_and_fast(cfg, world)
     if cfg.shard.strategy == "fsdp2":
         assert scans.call_count > 0  # the fast scan answered the foreach ops of the first run
     if cfg.quant.name == "nf4":
         assert replays.call_count > 0  # dequantizations answered by replay in the first run
+        # tracked calls too: every recorded trace could be kept (one per weight layout)
+        assert traces and all(t is not rp._UNREPLAYABLE for t in traces), traces
     assert fast.peak_bytes == plain.peak_bytes > 0
     assert fast.breakdown == plain.breakdown
     assert fast.phases == plain.phases

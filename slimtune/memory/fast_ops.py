@@ -130,8 +130,10 @@ def _layouts(values) -> list:
 class _Memo:
     def __init__(self, fake_mode) -> None:
         self.mode = fake_mode
-        self.kinds: dict = {}  # func -> (kind | None, relative view?)
-        self.outputs: dict = {}  # key -> recipe | None (not memoizable)
+        # keyed by id(func), not func: an OpOverload hashes in Python (a call per look-up); the
+        # entry holds the op, so its id stays its own
+        self.kinds: dict = {}  # id(func) -> (kind | None, relative view?, func)
+        self.outputs: dict = {}  # (id(func), key) -> recipe | None (not memoizable)
         self.hits = 0
         self.misses = 0
 
@@ -278,7 +280,7 @@ class _Memo:
         shared: list = []
         if self._walk([a for i, a in enumerate(args) if i not in lists], shared, False) is _UNKEYED:
             return func(*args, **kwargs)
-        seen = self.outputs.setdefault((func, _VOID, tuple(shared)), set())
+        seen = self.outputs.setdefault((id(func), _VOID, tuple(shared)), set())
         new: dict = {}  # element layout -> index of one element with it
         for j in range(len(args[lists[0]])):
             parts: list = []
@@ -333,13 +335,13 @@ class _Memo:
     def __call__(self, func, args, kwargs):
         if torch._C._get_dispatch_mode(_FAKE_SLOT) is not self.mode:
             return func(*args, **kwargs)  # e.g. a factory call under ``unset_fake_temporarily``
-        known = self.kinds.get(func)
+        known = self.kinds.get(id(func))
         if known is None:
             kind = _kind(func)
             # second slot: a relative view, or a foreach op among the void ones (checked per element)
-            known = self.kinds[func] = (kind, func._opname in _RELATIVE_VIEWS if kind is _VIEW
-                                        else kind is _VOID and func._opname.startswith("_foreach_"))
-        kind, relative = known
+            known = self.kinds[id(func)] = (kind, func._opname in _RELATIVE_VIEWS if kind is _VIEW
+                                            else kind is _VOID and func._opname.startswith("_foreach_"), func)
+        kind, relative, _ = known
         if kind is None:
             return func(*args, **kwargs)
         if kind is _COLLECTIVE:
@@ -349,7 +351,7 @@ class _Memo:
         key = self._key(kind, relative, args, kwargs)
         if key is _UNKEYED:
             return func(*args, **kwargs)
-        key = (func, key)
+        key = (id(func), key)
         recipe = self.outputs.get(key, _UNKEYED)
         if recipe is _UNKEYED:
             layout_before = _layout(kwargs["out"]) if kind is _OUT else \

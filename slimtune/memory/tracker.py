@@ -98,7 +98,7 @@ _PHASE_EXIT_RULES = {
 }
 # Ops whose output is new memory even though it aliases the input: torch.tensor(...) builds the
 # data outside the dispatcher and hands it through lift_fresh.
-_FRESH_OPS = {torch.ops.aten.lift_fresh.default}
+_LIFT_FRESH = torch.ops.aten.lift_fresh.default
 _CUDA_BLOCK = 512  # CUDACachingAllocator rounds every block up to 512 bytes
 _DEVICE_OP = torch.ops.prim.device.default
 _FAKE_SLOT = torch._C._TorchDispatchModeKey.FAKE
@@ -454,7 +454,7 @@ class MemoryTracker(TorchDispatchMode):
         if torch.is_grad_enabled():
             for frame in self._frames:
                 frame.graph = True
-        fresh = func in _FRESH_OPS
+        fresh = func is _LIFT_FRESH  # (identity: an OpOverload hashes in Python)
         if func.is_view and not fresh:
             return out  # its output shares an input's storage: never new memory (see below)
         input_keys: set[int] | None = None

@@ -279,6 +279,66 @@ def _plain_tracker_dispatch():
     return mock.patch.object(MemoryTracker, "__torch_dispatch__", getattr(wrapped, "__wrapped__", wrapped))
 
 
+class _CachedSignatures:
+    """``inspect`` for ``torch.autograd.function`` with ``signature`` memoized per function (see
+    :func:`_cached_torch_lookups`); every other attribute is the module's own."""
+
+    def __init__(self, real) -> None:
+        import functools
+
+        self._real = real
+        self.signature = functools.lru_cache(maxsize=None)(real.signature)
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+
+def _cached_torch_lookups() -> list:
+    """Two of torch's per-call look-ups answered from a memo while simulating, with the same
+    answers (nothing registers dispatch rules or redefines a function during a simulation):
+
+    * ``simple_registry.find_torch_dispatch_rule(op, type)``, which the dispatcher asks for every
+      op that reaches a Python mode or subclass (a string property and two dict look-ups each);
+    * ``inspect.signature`` of an autograd Function's ``forward``, which ``Function.apply``
+      recomputes on every call of a Function with ``setup_context`` -- DeepSpeed applies two such
+      Functions to every module's output in every pass, a few percent of a ZeRO-3 simulation.
+      A ``Signature`` is immutable, so one per function serves every call."""
+    import inspect
+
+    import torch._library.simple_registry as registry
+    import torch.autograd.function as function
+
+    original = registry.find_torch_dispatch_rule
+    rules: dict = {}
+
+    def find_rule(op, cls):
+        key = (id(op), id(cls))  # ids, not the ops: an OpOverload hashes in Python
+        hit = rules.get(key)
+        if hit is None:
+            hit = rules[key] = (op, cls, original(op, cls))  # op and cls held: their ids stay theirs
+        return hit[2]
+
+    return [mock.patch.object(registry, "find_torch_dispatch_rule", find_rule),
+            mock.patch.object(function, "inspect", _CachedSignatures(inspect))]
+
+
+@contextlib.contextmanager
+def _no_full_collections() -> Iterator[None]:
+    """No automatic full (oldest-generation) garbage collection while simulating. Each one walks
+    every object of the 70B build -- modules, hooks, engine state, fake tensors -- about 0.3 s,
+    eight of them in a ZeRO-3 recipe; the young generations, where the simulation's short-lived
+    cycles die, are collected as before. Peaks, breakdowns and phases of every 70B recipe were
+    compared with and without: byte-identical (docs/planner.md)."""
+    import gc
+
+    young, middle, old = gc.get_threshold()
+    gc.set_threshold(young, middle, 1 << 30)
+    try:
+        yield
+    finally:
+        gc.set_threshold(young, middle, old)
+
+
 # --------------------------------------------------------------------------- engines
 def _fsdp2_patches(world: int, notes: list[str]) -> list:
     """The device mesh is made before fake mode (``init_device_mesh`` reads rank values) and
@@ -695,6 +755,9 @@ def simulate(cfg, world: int = 1, steps: int = 2, cuda_defaults: bool = True, fa
     with contextlib.ExitStack() as stack:
         stack.enter_context(fast_fake_cache_keys())
         stack.enter_context(_plain_tracker_dispatch())
+        stack.enter_context(_no_full_collections())
+        for patch in _cached_torch_lookups():
+            stack.enter_context(patch)
         if sharded or world > 1:
             stack.enter_context(fake_process_group(world))
         if cfg.shard.strategy == "fsdp2":

@@ -224,3 +224,50 @@ def test_simulation_is_unchanged_by_the_zero3_speedups(overrides, tmp_path):
     assert fast.peak_bytes == plain.peak_bytes > 0
     assert fast.breakdown == plain.breakdown
     assert fast.phases == plain.phases
+
+
+@pytest.mark.parametrize("overrides,world", [
+    (["shard.strategy=deepspeed_zero3", "method.name=lora", "quant.name=nf4", "quant.quant_storage=bfloat16",
+      "model.dtype=bfloat16", "quant.compute_dtype=bfloat16", "train.activation_checkpointing=true",
+      "train.grad_accum=2"], 2),
+    (["shard.strategy=fsdp2", "method.name=lora", "quant.name=nf4", "quant.backend=torchao", "model.dtype=bfloat16",
+      "quant.compute_dtype=bfloat16", "train.activation_checkpointing=true", "train.grad_accum=2"], 2),
+    (["method.name=full", "optim.name=galore_adamw8bit", "optim.galore.rank=16", "optim.per_layer=true"], 1),
+], ids=["zero3-qlora-bnb", "fsdp2-qlora-ao", "galore8bit-per-layer"])
+def test_simulation_is_unchanged_by_the_interpreter_speedups(overrides, world, tmp_path):
+    """The tracker's dispatch without torch's dynamo wrapper, no full garbage collections, and
+    memoized dispatch-rule / Function-signature look-ups: byte-identical peak, breakdown and phase
+    peaks; all of them were in force during the run and undone after it."""
+    import inspect
+
+    import torch._library.simple_registry as registry
+    import torch.autograd.function as function
+
+    import slimtune.plan.simulate as sim
+    from slimtune.memory import MemoryTracker
+
+    cfg = load_config(None, TINY + [f"output.dir={tmp_path}"] + overrides)
+    seen = []
+
+    real_foreach = sim._foreach_like_cuda
+
+    def spy(optimizer, notes):  # called once the engine is built, inside the simulation's patches
+        seen.append((MemoryTracker.__dict__["__torch_dispatch__"], function.inspect, registry.find_torch_dispatch_rule))
+        real_foreach(optimizer, notes)
+
+    wrapped = MemoryTracker.__dict__["__torch_dispatch__"]
+    _cold_caches()
+    with mock.patch.object(sim, "_foreach_like_cuda", spy):
+        fast = simulate(cfg, world=world)
+    dispatch, insp, rule = seen[0]
+    assert dispatch is wrapped.__wrapped__ and insp is not inspect and rule.__module__ == sim.__name__
+    assert MemoryTracker.__dict__["__torch_dispatch__"] is wrapped and function.inspect is inspect  # undone
+    assert registry.find_torch_dispatch_rule.__module__ == registry.__name__
+    _cold_caches()
+    with mock.patch.object(sim, "_plain_tracker_dispatch", contextlib.nullcontext), \
+            mock.patch.object(sim, "_no_full_collections", contextlib.nullcontext), \
+            mock.patch.object(sim, "_cached_torch_lookups", lambda: []):
+        plain = simulate(cfg, world=world)
+    assert fast.peak_bytes == plain.peak_bytes > 0
+    assert fast.breakdown == plain.breakdown
+    assert fast.phases == plain.phases

@@ -53,7 +53,8 @@ def run(args) -> int:
 
     # libraries print progress to stdout while a run is simulated (DeepSpeed's op builds): with --json,
     # stdout must hold the object alone
-    with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
+    with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext(), \
+            _uncompiled() if args.simulate else contextlib.nullcontext():
         p = plan(cfg, gpus=args.gpus, gpu_mem=parse_bytes(args.gpu_mem), nodes=args.nodes, simulate=args.simulate,
                  advice=not args.no_advice, source=args.config, assumptions=a)
     if args.json:
@@ -66,6 +67,22 @@ def run(args) -> int:
             print(f"plot written to {args.plot}")
     fits = p.fits if p.simulated is None else (p.fits and p.simulated_fits)
     return 0 if fits else 1
+
+
+def _uncompiled():
+    """``torch.compile`` answering its own argument while ``plan --simulate`` runs. Libraries wrap
+    functions in ``torch.compile`` when they are imported -- bitsandbytes its CPU kernels, DeepSpeed
+    its Muon optimizer -- and that imports Inductor: a second or more of a planner run in which
+    every tensor is fake and no compiled function is ever called (the planned run's CUDA kernels are
+    bitsandbytes' own; the recipes do not use Muon). Training processes are not affected."""
+    from unittest import mock
+
+    import torch
+
+    def plain(model=None, **_kwargs):
+        return model if model is not None else (lambda fn: fn)
+
+    return mock.patch.object(torch, "compile", plain)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -279,15 +279,51 @@ def _plain_tracker_dispatch():
     return mock.patch.object(MemoryTracker, "__torch_dispatch__", getattr(wrapped, "__wrapped__", wrapped))
 
 
+class _PositionalBinding:
+    """What ``Signature.bind(*args).apply_defaults()`` gives for a signature of positional
+    parameters without defaults called with exactly those (or of ``*args`` alone): ``args`` as
+    given, no keywords."""
+
+    __slots__ = ("args",)
+    kwargs: dict = {}
+
+    def __init__(self, args: tuple) -> None:
+        self.args = args
+
+    def apply_defaults(self) -> None:
+        return None
+
+
+class _FastSignature:
+    """A function's ``inspect.Signature`` whose ``bind`` answers the plain positional case itself
+    (DeepSpeed's Functions: ``forward(outputs)``, ``forward(ctx, *args)``...) and hands every
+    other call to the real ``bind``."""
+
+    def __init__(self, sig) -> None:
+        import inspect
+
+        params = list(sig.parameters.values())
+        plain = inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.POSITIONAL_ONLY
+        self._sig = sig
+        self._star = [p.kind for p in params] == [inspect.Parameter.VAR_POSITIONAL]
+        self._n = len(params) if all(p.kind in plain and p.default is p.empty for p in params) else -1
+
+    def bind(self, *args, **kwargs):
+        if not kwargs and (self._star or len(args) == self._n):
+            return _PositionalBinding(args)
+        return self._sig.bind(*args, **kwargs)
+
+
 class _CachedSignatures:
-    """``inspect`` for ``torch.autograd.function`` with ``signature`` memoized per function (see
-    :func:`_cached_torch_lookups`); every other attribute is the module's own."""
+    """``inspect`` for ``torch.autograd.function``: ``signature`` memoized per function, with the
+    plain positional ``bind`` answered directly (see :func:`_cached_torch_lookups`); every other
+    attribute is the module's own."""
 
     def __init__(self, real) -> None:
         import functools
 
         self._real = real
-        self.signature = functools.lru_cache(maxsize=None)(real.signature)
+        self.signature = functools.lru_cache(maxsize=None)(lambda fn: _FastSignature(real.signature(fn)))
 
     def __getattr__(self, name):
         return getattr(self._real, name)

@@ -271,3 +271,33 @@ def test_simulation_is_unchanged_by_the_interpreter_speedups(overrides, world, t
     assert fast.peak_bytes == plain.peak_bytes > 0
     assert fast.breakdown == plain.breakdown
     assert fast.phases == plain.phases
+
+
+def test_memoized_signatures_bind_as_inspect_does():
+    """The simulation's ``inspect`` for autograd Functions: ``bind(...).apply_defaults()`` gives
+    inspect's own args and kwargs for every kind of signature, and the same errors."""
+    import inspect
+
+    from slimtune.plan.simulate import _CachedSignatures
+
+    ours = _CachedSignatures(inspect)
+
+    def two(a, b): ...
+    def star(*args): ...
+    def ctx_star(ctx, *args): ...
+    def default(a, b=2): ...
+    def keyword_only(a, *, c): ...
+
+    calls = [(two, (1, 2), {}), (star, (1, 2, 3), {}), (star, (), {}), (ctx_star, (0, 1), {}), (default, (1,), {}),
+             (default, (1, 3), {}), (two, (1,), {"b": 2}), (keyword_only, (1,), {"c": 3})]
+    for fn, args, kwargs in calls:
+        ref = inspect.signature(fn).bind(*args, **kwargs)
+        got = ours.signature(fn).bind(*args, **kwargs)
+        ref.apply_defaults()
+        got.apply_defaults()
+        assert (got.args, got.kwargs) == (ref.args, ref.kwargs), fn.__name__
+    assert ours.signature(two) is ours.signature(two)  # memoized
+    for bad_args in [(1, 2, 3), (1,)]:
+        with pytest.raises(TypeError):
+            ours.signature(two).bind(*bad_args)
+    assert ours.Parameter is inspect.Parameter  # the rest is inspect's

@@ -42,9 +42,15 @@ tuple per tensor. Two more remove work that allocates nothing a tracker would se
 propagation linear, ``memory.fast_foreach_strategies`` (FSDP2) computes its per-element strategies
 once per distinct element, and :func:`replay_nf4_dequant` (torchao NF4) repeats the tracker events of
 torchao's dequantization, recorded once per weight layout, instead of re-running its 20-odd fake
-ops 9 times per linear per step (``memory.replay_pure_calls``). tests/unit/test_simulate_speed.py
-and tests/unit/test_fast_ops.py check that the peak, breakdown and phase peaks are byte-identical
-with and without each of them. Wall times of the 70B recipes: docs/planner.md.
+ops 9 times per linear per step (``memory.replay_pure_calls``). And the interpreter's own
+overheads, where nothing a tracker sees depends on them: the tracker's dispatch runs without
+torch's dynamo-disable wrapper (:func:`_plain_tracker_dispatch`), no automatic full garbage
+collection runs while simulating (:func:`_no_full_collections`), torch's dispatch-rule look-up and
+autograd Functions' signatures are memoized (:func:`_cached_torch_lookups`), and the CLI keeps
+``torch.compile`` from importing Inductor (``plan.cli._uncompiled``).
+tests/unit/test_simulate_speed.py and tests/unit/test_fast_ops.py check that the peak, breakdown
+and phase peaks are byte-identical with and without each of them. Wall times of the 70B recipes:
+docs/planner.md.
 
 DTensor's sharding propagation caches its answers per process; on a miss it builds fake tensors
 that the tracker counts as optimizer-phase temporaries. A second simulation in one process can

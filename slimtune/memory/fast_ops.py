@@ -214,8 +214,13 @@ class _Memo:
                 if source is None or st._cdata != source.untyped_storage()._cdata:
                     return None
                 offset = t.storage_offset() - source.storage_offset() if relative else t.storage_offset()
+            # a view with the source's own layout (detach, alias, a same-shape view...): the key fixes
+            # the source's layout, so every later call's output has it too
+            alias = kind is _VIEW and shape == tuple(source.shape) and stride == source.stride() \
+                and t.dtype == source.dtype and t.is_conj() == source.is_conj() and t.is_neg() == source.is_neg() \
+                and t.storage_offset() == source.storage_offset() and t.fake_device == source.fake_device
             items.append((shape, stride, t.dtype, t.requires_grad, t.is_conj(), t.is_neg(), offset,
-                          t.fake_device, dict(t.__dict__)))
+                          t.fake_device, dict(t.__dict__), alias))
         return (kind, single, tuple(items), relative)
 
     # ---------------------------------------------------------------- building
@@ -234,15 +239,20 @@ class _Memo:
         make, empty = torch.Tensor._make_subclass, torch.empty_strided
         outs = []
         with torch._C._DisableTorchDispatch():
-            for shape, stride, dtype, requires_grad, conj, neg, offset, device, attrs in items:
-                elem = empty(shape, stride, dtype=dtype, device=_META, requires_grad=requires_grad)
-                if conj:
-                    torch._C._set_conj(elem, True)
-                if neg:
-                    torch._C._set_neg(elem, True)
-                if source is not None:
-                    start = source.storage_offset() + offset if relative else offset
-                    elem.set_(source.untyped_storage(), start, shape, stride)
+            for shape, stride, dtype, requires_grad, conj, neg, offset, device, attrs, alias in items:
+                if alias:
+                    # ``_make_subclass`` detaches what it is given (a shallow copy: the source's
+                    # storage, sizes, strides and offset): the view itself, in one call
+                    elem = source
+                else:
+                    elem = empty(shape, stride, dtype=dtype, device=_META)  # requires_grad: set by make
+                    if conj:
+                        torch._C._set_conj(elem, True)
+                    if neg:
+                        torch._C._set_neg(elem, True)
+                    if source is not None:
+                        start = source.storage_offset() + offset if relative else offset
+                        elem.set_(source.untyped_storage(), start, shape, stride)
                 t = make(FakeTensor, elem, requires_grad, dispatch_device=True, device_for_backend_keys=device)
                 mark(t)
                 t.__dict__.update(attrs)

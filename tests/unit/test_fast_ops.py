@@ -38,7 +38,8 @@ def _describe(out, inputs):
         st = o.untyped_storage()
         alias = storages.index(st._cdata) if st._cdata in storages else None
         desc.append((type(o).__name__, tuple(o.shape), o.stride(), o.dtype, o.device, o.storage_offset(), st.nbytes(),
-                     o.requires_grad, alias, o.is_conj()))
+                     o.requires_grad, alias, o.is_conj(), o.is_neg(), o._is_view(), o.is_leaf,
+                     type(o.grad_fn).__name__, str(torch._C._dispatch_keys(o))))
     return desc
 
 
@@ -76,6 +77,14 @@ def _program():
         run(lambda a: torch.empty_like(a.t()), x)
         run(lambda a: a.new_zeros((3, 5)), x)
         run(lambda a: a.detach(), x)
+        # views with the source's own layout (built by detaching the source), of a leaf that
+        # requires grad and of a view of it: autograd's view bookkeeping must be the fake mode's
+        run(lambda a: a.detach(), w)
+        run(lambda a: a.view(6, 4), w)
+        run(lambda a: torch.ops.aten.alias.default(a), w)
+        run(lambda a: a.view(3, 8).view(6, 4), w)
+        run(lambda a: a.expand(5, 4), w[1:])
+        run(lambda a: a.conj().detach(), torch.empty(3, dtype=torch.complex64))
         run(lambda a: a.unsqueeze(0).expand(2, 8, 6), x)
         run(lambda a: a.contiguous().view(-1), x[:, :3])
         run(lambda a: a.clone(memory_format=torch.contiguous_format), x.t())

@@ -158,7 +158,8 @@ class _Memo:
                 if v.fake_mode is not mode or v.constant is not None or v.layout is not _STRIDED \
                         or v._has_symbolic_sizes_strides:
                     return _UNKEYED
-                entry = (v.dtype, tuple(v.shape), v.stride(), v.fake_device, v.requires_grad, v.is_conj(),
+                # ``_fake_device``: what the ``fake_device`` property returns, without its call
+                entry = (v.dtype, tuple(v.shape), v.stride(), v._fake_device, v.requires_grad, v.is_conj(),
                          v.is_neg(), v.is_inference())
                 if with_offsets:
                     entry += (v.storage_offset(), v.untyped_storage().nbytes())

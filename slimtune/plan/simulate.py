@@ -427,10 +427,11 @@ def _zero3_iter_params(original):
     def iter_params(module, recurse=False):
         if recurse:
             return original(module, recurse)
-        own = [p for p in module._parameters.values() if p is not None]
-        if len({id(p) for p in own}) != len(own):
+        d = module.__dict__
+        own = [p for p in d["_parameters"].values() if p is not None]
+        if len(own) > 1 and len(set(map(id, own))) != len(own):
             return original(module, recurse)
-        external = module.__dict__.get("_external_params")
+        external = d.get("_external_params")
         return own + list(external.values()) if external else own
 
     return iter_params

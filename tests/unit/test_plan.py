@@ -152,6 +152,21 @@ def test_cli_json_and_exit_codes(tmp_path, capsys):
     assert rc == 1 and out["fits"] is False and out["per_rank_peak_bytes"] > parse_bytes("100MiB")
 
 
+@pytest.mark.parametrize("gpu_mem,rc", [("24GiB", 0), ("1MiB", 1)])
+def test_simulating_cli_process_exits_quickly_with_its_output_and_code(gpu_mem, rc):
+    """The console entry leaves ``plan --simulate`` without tearing down the heap (``cli.entry``):
+    the piped JSON is complete (flushed before the exit) and the exit code is the plan's."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "slimtune.cli", "plan", "--config", "configs/tiny_lora.yaml",
+                           "--simulate", "--json", "--no-advice", "--gpu-mem", gpu_mem, "train.num_threads=1"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == rc, proc.stderr[-2000:]
+    out = json.loads(proc.stdout)
+    assert out["simulated"]["peak_bytes"] > 0 and out["fits"] is (rc == 0)
+
+
 def test_cli_table_marks_the_largest_item_and_plot(tmp_path, capsys):
     from slimtune.cli import main
 

@@ -46,7 +46,7 @@ ops 9 times per linear per step (``memory.replay_pure_calls``). And the interpre
 overheads, where nothing a tracker sees depends on them: the tracker's dispatch runs without
 torch's dynamo-disable wrapper (:func:`_plain_tracker_dispatch`), no automatic full garbage
 collection runs while simulating (:func:`_no_full_collections`), torch's dispatch-rule look-up and
-autograd Functions' signatures are memoized (:func:`_cached_torch_lookups`), and the CLI keeps
+autograd Functions' signatures are memoized (:func:`_cached_torch_lookups`; these three live in ``plan.interpreter``), and the CLI keeps
 ``torch.compile`` from importing Inductor (``plan.cli._uncompiled``).
 tests/unit/test_simulate_speed.py and tests/unit/test_fast_ops.py check that the peak, breakdown
 and phase peaks are byte-identical with and without each of them. Wall times of the 70B recipes:
@@ -272,113 +272,8 @@ def _fast_device_mode():
     return FastDevice()
 
 
-def _plain_tracker_dispatch():
-    """``MemoryTracker.__torch_dispatch__`` without the ``torch._disable_dynamo`` wrapper that
-    ``TorchDispatchMode`` puts around every subclass's dispatch (so that a compiled region never
-    traces into it). Nothing is compiled while simulating (every tensor is fake; bitsandbytes'
-    compiled CPU kernels never run), and the wrapper -- two Python frames and four eval-frame
-    calls -- ran for each of the ~1M dispatches of a 70B simulation, about 4% of it. Real runs
-    keep the wrapper: the patch lasts for the simulation only."""
-    from slimtune.memory import MemoryTracker
-
-    wrapped = MemoryTracker.__dict__["__torch_dispatch__"]
-    return mock.patch.object(MemoryTracker, "__torch_dispatch__", getattr(wrapped, "__wrapped__", wrapped))
-
-
-class _PositionalBinding:
-    """What ``Signature.bind(*args).apply_defaults()`` gives for a signature of positional
-    parameters without defaults called with exactly those (or of ``*args`` alone): ``args`` as
-    given, no keywords."""
-
-    __slots__ = ("args",)
-    kwargs: dict = {}
-
-    def __init__(self, args: tuple) -> None:
-        self.args = args
-
-    def apply_defaults(self) -> None:
-        return None
-
-
-class _FastSignature:
-    """A function's ``inspect.Signature`` whose ``bind`` answers the plain positional case itself
-    (DeepSpeed's Functions: ``forward(outputs)``, ``forward(ctx, *args)``...) and hands every
-    other call to the real ``bind``."""
-
-    def __init__(self, sig) -> None:
-        import inspect
-
-        params = list(sig.parameters.values())
-        plain = inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.POSITIONAL_ONLY
-        self._sig = sig
-        self._star = [p.kind for p in params] == [inspect.Parameter.VAR_POSITIONAL]
-        self._n = len(params) if all(p.kind in plain and p.default is p.empty for p in params) else -1
-
-    def bind(self, *args, **kwargs):
-        if not kwargs and (self._star or len(args) == self._n):
-            return _PositionalBinding(args)
-        return self._sig.bind(*args, **kwargs)
-
-
-class _CachedSignatures:
-    """``inspect`` for ``torch.autograd.function``: ``signature`` memoized per function, with the
-    plain positional ``bind`` answered directly (see :func:`_cached_torch_lookups`); every other
-    attribute is the module's own."""
-
-    def __init__(self, real) -> None:
-        import functools
-
-        self._real = real
-        self.signature = functools.lru_cache(maxsize=None)(lambda fn: _FastSignature(real.signature(fn)))
-
-    def __getattr__(self, name):
-        return getattr(self._real, name)
-
-
-def _cached_torch_lookups() -> list:
-    """Two of torch's per-call look-ups answered from a memo while simulating, with the same
-    answers (nothing registers dispatch rules or redefines a function during a simulation):
-
-    * ``simple_registry.find_torch_dispatch_rule(op, type)``, which the dispatcher asks for every
-      op that reaches a Python mode or subclass (a string property and two dict look-ups each);
-    * ``inspect.signature`` of an autograd Function's ``forward``, which ``Function.apply``
-      recomputes on every call of a Function with ``setup_context`` -- DeepSpeed applies two such
-      Functions to every module's output in every pass, a few percent of a ZeRO-3 simulation.
-      A ``Signature`` is immutable, so one per function serves every call."""
-    import inspect
-
-    import torch._library.simple_registry as registry
-    import torch.autograd.function as function
-
-    original = registry.find_torch_dispatch_rule
-    rules: dict = {}
-
-    def find_rule(op, cls):
-        key = (id(op), id(cls))  # ids, not the ops: an OpOverload hashes in Python
-        hit = rules.get(key)
-        if hit is None:
-            hit = rules[key] = (op, cls, original(op, cls))  # op and cls held: their ids stay theirs
-        return hit[2]
-
-    return [mock.patch.object(registry, "find_torch_dispatch_rule", find_rule),
-            mock.patch.object(function, "inspect", _CachedSignatures(inspect))]
-
-
-@contextlib.contextmanager
-def _no_full_collections() -> Iterator[None]:
-    """No automatic full (oldest-generation) garbage collection while simulating. Each one walks
-    every object of the 70B build -- modules, hooks, engine state, fake tensors -- about 0.3 s,
-    eight of them in a ZeRO-3 recipe; the young generations, where the simulation's short-lived
-    cycles die, are collected as before. Peaks, breakdowns and phases of every 70B recipe were
-    compared with and without: byte-identical (docs/planner.md)."""
-    import gc
-
-    young, middle, old = gc.get_threshold()
-    gc.set_threshold(young, middle, 1 << 30)
-    try:
-        yield
-    finally:
-        gc.set_threshold(young, middle, old)
+from slimtune.plan.interpreter import (  # noqa: E402  (entered by simulate(); patched by the tests)
+    _CachedSignatures, _cached_torch_lookups, _no_full_collections, _plain_tracker_dispatch)
 
 
 # --------------------------------------------------------------------------- engines

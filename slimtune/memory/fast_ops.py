@@ -53,7 +53,7 @@ from collections.abc import Iterator
 import torch
 from torch._subclasses.fake_tensor import FakeTensor, in_kernel_invocation_manager
 
-__all__ = ["call_op", "fast_fake_ops"]
+__all__ = ["built_fresh", "call_op", "fast_fake_ops"]
 
 _FUNCTIONAL, _INPLACE, _OUT, _VIEW, _COLLECTIVE = "functional", "inplace", "out", "view", "collective"
 _VOID = "void"
@@ -136,6 +136,9 @@ class _Memo:
         self.outputs: dict = {}  # (id(func), key) -> recipe | None (not memoizable)
         self.hits = 0
         self.misses = 0
+        # the last call's output was built here from a functional recipe: new storages that no
+        # input shares and nothing tracks yet (:func:`built_fresh`)
+        self.fresh = False
 
     # ---------------------------------------------------------------- keys
     def _key(self, kind, relative, args, kwargs):
@@ -344,6 +347,7 @@ class _Memo:
 
     # ---------------------------------------------------------------- call
     def __call__(self, func, args, kwargs):
+        self.fresh = False
         if torch._C._get_dispatch_mode(_FAKE_SLOT) is not self.mode:
             return func(*args, **kwargs)  # e.g. a factory call under ``unset_fake_temporarily``
         known = self.kinds.get(id(func))
@@ -374,7 +378,16 @@ class _Memo:
         if recipe is None:
             return func(*args, **kwargs)
         self.hits += 1
+        self.fresh = recipe[0] is _FUNCTIONAL
         return self._build(recipe, args, kwargs)
+
+
+def built_fresh() -> bool:
+    """Whether the last :func:`call_op` built its output(s) from a functional op's recipe: each a
+    new storage of its own, made by ``empty_strided`` in this call. The tracker then skips its
+    search of the inputs' storages, which could only confirm that."""
+    memo = _ACTIVE[0]
+    return memo is not None and memo.fresh
 
 
 def call_op(func, args, kwargs):

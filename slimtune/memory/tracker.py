@@ -83,7 +83,7 @@ from torch.utils._python_dispatch import (
     is_traceable_wrapper_subclass_type,
 )
 
-from slimtune.memory.fast_ops import call_op
+from slimtune.memory.fast_ops import built_fresh, call_op
 from slimtune.memory.units import format_bytes
 
 __all__ = ["CATEGORIES", "MemoryTracker", "collect_tensors", "tensor_storages"]
@@ -457,6 +457,12 @@ class MemoryTracker(TorchDispatchMode):
         fresh = func is _LIFT_FRESH  # (identity: an OpOverload hashes in Python)
         if func.is_view and not fresh:
             return out  # its output shares an input's storage: never new memory (see below)
+        if type(out) is FakeTensor and built_fresh():
+            # the memo built this output on a new storage (a functional op's recipe): not tracked
+            # yet, and no input's storage -- the general loop below would find exactly that
+            st = out.untyped_storage()
+            self._add(st, out.device.type, "temporaries")
+            return out
         input_keys: set[int] | None = None
         for t in _tensors_in(out):
             for st in tensor_storages(t):

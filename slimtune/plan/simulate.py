@@ -255,6 +255,7 @@ def _fast_device_mode():
     from slimtune.memory.fast_ops import call_op
 
     device_op = torch.ops.prim.device.default
+    no_subclass_tf = torch._C.DisableTorchFunctionSubclass
 
     class FastDevice(TorchDispatchMode):
         @classmethod
@@ -267,7 +268,8 @@ def _fast_device_mode():
             for t in types:
                 if t is not FakeTensor and is_traceable_wrapper_subclass_type(t):
                     return NotImplemented  # DTensor / NF4 unwrap first, as under the tracker
-            return call_op(func, args, kwargs or {})
+            with no_subclass_tf():
+                return call_op(func, args, kwargs or {})
 
     return FastDevice()
 
@@ -341,11 +343,15 @@ def _zero3_speedups() -> list:
     :func:`_zero3_iter_params`."""
     import deepspeed.runtime.zero.parameter_offload as offload
     import deepspeed.runtime.zero.partitioned_param_coordinator as coordinator
+    import deepspeed.utils.nvtx as nvtx
 
     leaf = lambda module: module.__dict__.get("_z3_leaf", False)  # noqa: E731
     params = _zero3_iter_params(coordinator.iter_params)
+    # NVTX ranges: DeepSpeed pushes one around each of its instrumented calls (tens of thousands
+    # per pass) through its accelerator, whose CPU ranges are no-ops; nothing of them is simulated
     return [mock.patch.object(offload, "z3_leaf_module", leaf), mock.patch.object(coordinator, "z3_leaf_module", leaf),
-            mock.patch.object(offload, "iter_params", params), mock.patch.object(coordinator, "iter_params", params)]
+            mock.patch.object(offload, "iter_params", params), mock.patch.object(coordinator, "iter_params", params),
+            mock.patch.object(nvtx, "enable_nvtx", False)]
 
 
 def _zero3_patches(world: int, notes: list[str]) -> list:

@@ -197,6 +197,29 @@ def test_tracker_counts_memoized_outputs_as_fresh_allocations():
     assert peaks[0] == peaks[1] == (4 * 256 * 256 * 4, 0)
 
 
+def test_built_fresh_marks_only_outputs_built_from_a_functional_recipe():
+    """The tracker's shortcut (``built_fresh``: a new storage, no input's) holds exactly for a
+    memo hit of a functional op; a first call, a view, an in-place op or no memo say False."""
+    from slimtune.memory.fast_ops import built_fresh
+
+    mode = FakeTensorMode()
+    mul, view, add_ = torch.ops.aten.mul.Tensor, torch.ops.aten.view.default, torch.ops.aten.add_.Tensor
+    with mode:
+        x = torch.empty(8, 8)
+    assert not built_fresh()  # no memo
+    with mode, fast_fake_ops(mode):
+        call_op(mul, (x, x), {})
+        assert not built_fresh()  # first call: through the fake mode
+        out = call_op(mul, (x, x), {})
+        assert built_fresh() and out.untyped_storage()._cdata != x.untyped_storage()._cdata
+        call_op(view, (x, [64]), {})
+        call_op(view, (x, [64]), {})
+        assert not built_fresh()
+        call_op(add_, (out, x), {})
+        call_op(add_, (out, x), {})
+        assert not built_fresh()
+
+
 @pytest.mark.parametrize("overrides,world", [
     (["method.name=lora", "quant.name=nf4", "quant.quant_storage=bfloat16", "model.dtype=bfloat16",
       "quant.compute_dtype=bfloat16", "shard.strategy=deepspeed_zero3", "train.activation_checkpointing=true",

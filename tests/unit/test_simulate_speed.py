@@ -260,7 +260,10 @@ def test_simulation_is_unchanged_by_the_interpreter_speedups(overrides, world, t
     with mock.patch.object(sim, "_foreach_like_cuda", spy):
         fast = simulate(cfg, world=world)
     dispatch, insp, rule = seen[0]
-    assert dispatch is wrapped.__wrapped__ and insp is not inspect and rule.__module__ == "slimtune.plan.interpreter"
+    # the tracker's own dispatch, without torch's dynamo wrapper, entered by the interpreter's patch
+    assert dispatch is not wrapped and dispatch.__module__ == "slimtune.plan.interpreter"
+    assert wrapped.__wrapped__ in [c.cell_contents for c in dispatch.__closure__]
+    assert insp is not inspect and rule.__module__ == "slimtune.plan.interpreter"
     assert MemoryTracker.__dict__["__torch_dispatch__"] is wrapped and function.inspect is inspect  # undone
     assert registry.find_torch_dispatch_rule.__module__ == registry.__name__
     _cold_caches()

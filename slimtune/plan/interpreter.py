@@ -113,15 +113,29 @@ def _cached_torch_lookups() -> list:
 
     original = registry.find_torch_dispatch_rule
     rules: dict = {}
+    # torch's C++ keeps the function it first finds under this name: when a process's first Python
+    # dispatch happens inside a simulation, ``find_rule`` stays in use after it, and must then
+    # answer as torch does (rules registered later included)
+    simulating = [False]
+
+    @contextlib.contextmanager
+    def while_simulating():
+        simulating[0] = True
+        try:
+            yield
+        finally:
+            simulating[0] = False
 
     def find_rule(op, cls):
+        if not simulating[0]:
+            return original(op, cls)
         key = (id(op), id(cls))  # ids, not the ops: an OpOverload hashes in Python
         hit = rules.get(key)
         if hit is None:
             hit = rules[key] = (op, cls, original(op, cls))  # op and cls held: their ids stay theirs
         return hit[2]
 
-    return [mock.patch.object(registry, "find_torch_dispatch_rule", find_rule),
+    return [while_simulating(), mock.patch.object(registry, "find_torch_dispatch_rule", find_rule),
             mock.patch.object(function, "inspect", _CachedSignatures(inspect))]
 
 

@@ -304,3 +304,21 @@ def test_memoized_signatures_bind_as_inspect_does():
         with pytest.raises(TypeError):
             ours.signature(two).bind(*bad_args)
     assert ours.Parameter is inspect.Parameter  # the rest is inspect's
+
+
+
+def test_dispatch_rule_memo_answers_as_torch_outside_the_simulation():
+    """torch's C++ may keep the memoized ``find_torch_dispatch_rule`` after a simulation (it holds
+    the first function it finds): outside the simulation it must call the original every time."""
+    import torch._library.simple_registry as registry
+
+    from slimtune.plan.interpreter import _cached_torch_lookups
+
+    op, cls, rule, seen = torch.ops.aten.mul.Tensor, torch.Tensor, object(), []
+    with mock.patch.object(registry, "find_torch_dispatch_rule", lambda o, c: seen.append(1) or rule):
+        switch, rule_patch, _ = _cached_torch_lookups()
+    find_rule = rule_patch.new
+    assert find_rule(op, cls) is rule and find_rule(op, cls) is rule and len(seen) == 2  # not simulating
+    with switch:
+        assert find_rule(op, cls) is rule and find_rule(op, cls) is rule and len(seen) == 3  # memoized
+    assert find_rule(op, cls) is rule and len(seen) == 4  # after: the original again

@@ -25,8 +25,8 @@ def _plain_tracker_dispatch():
     wrapper subclass (DTensor, NF4) is sent back to its own ``__torch_dispatch__`` as before, and
     a memo miss runs ``FakeTensorMode`` on plain fakes, whose ``__torch_function__`` is torch's
     disabled one either way. Per op this saved about 1-2 us of 14-34 (tracker or untracked mode
-    with the memo; minimum of 15 alternating runs of each, /tmp micro-benchmarks of mul, detach,
-    view) -- a few percent of a simulation."""
+    with the memo; minimum of 15 alternating runs of each, in ad-hoc micro-benchmarks of mul,
+    detach and view that are not in the repository) -- a few percent of a simulation."""
     import torch
 
     from slimtune.memory import MemoryTracker

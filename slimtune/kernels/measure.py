@@ -54,8 +54,10 @@ def fake_linear4bit(out_features: int, in_features: int, compute_dtype: torch.dt
                     blocksize: int = 64) -> nn.Module:
     """A bitsandbytes ``Linear4bit`` whose packed data and quantization state are empty
     tensors of the real shapes (call inside ``FakeTensorMode`` for a fake layer of any size)."""
-    import bitsandbytes as bnb
-    from bitsandbytes.functional import QuantState
+    from slimtune.quant.bnb import import_bitsandbytes
+
+    bnb = import_bitsandbytes()
+    QuantState = bnb.functional.QuantState
 
     n = out_features * in_features
     blocks = -(-n // blocksize)

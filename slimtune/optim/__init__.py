@@ -114,7 +114,9 @@ def _build_adamw(named: NamedParams, ocfg) -> torch.optim.Optimizer:
 
 
 def _build_adamw8bit(named: NamedParams, ocfg) -> torch.optim.Optimizer:
-    import bitsandbytes as bnb
+    from slimtune.quant.bnb import import_bitsandbytes
+
+    bnb = import_bitsandbytes()
 
     return bnb.optim.AdamW8bit(
         _adam_groups(named, ocfg.weight_decay), lr=ocfg.lr, betas=tuple(ocfg.betas), eps=ocfg.eps,

@@ -205,7 +205,9 @@ class GaLoreAdamW(torch.optim.Optimizer):
 
     def _qmap(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         if device not in self._qmaps:
-            import bitsandbytes.functional as F
+            from slimtune.quant.bnb import import_bitsandbytes
+
+            F = import_bitsandbytes().functional
 
             self._qmaps[device] = (
                 F.create_dynamic_map(signed=True).to(device),
@@ -241,7 +243,9 @@ class GaLoreAdamW(torch.optim.Optimizer):
         state["absmax2"] = sharded.wrap_rows(blocks.clone(), p, total) if is_sharded else blocks.clone()
 
     def _adam8(self, p, grad, group, state, projected: bool) -> None:
-        import bitsandbytes.functional as F
+        from slimtune.quant.bnb import import_bitsandbytes
+
+        F = import_bitsandbytes().functional
 
         grad = grad.contiguous()
         if "state1" not in state:

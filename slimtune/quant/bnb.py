@@ -23,7 +23,48 @@ from torch import nn
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "uint8": torch.uint8}
 
 
-def _bnb():
+class _DeferredCompile:
+    """``torch.compile(fn, **kwargs)``, made at the first call instead of at definition. What
+    ``torch.compile`` returns compiles nothing until it is called either; making it imports
+    torch's inductor (``compile_fx`` and its kernel templates), which bitsandbytes' CPU ops pay
+    at ``import bitsandbytes`` through their ``torch.compile`` decorators: 1.5-1.8 s of a
+    2-core machine's start-up, in every process (train, plan, tests), for kernels that only
+    CPU tensors reach. A ``torch.compile`` that raises is answered with ``fn`` itself, as
+    bitsandbytes' own decorator does."""
+
+    __slots__ = ("_compile", "_fn", "_kwargs", "_compiled", "__wrapped__")
+
+    def __init__(self, compile_fn, fn, kwargs: dict) -> None:
+        self._compile, self._fn, self._kwargs, self._compiled = compile_fn, fn, kwargs, None
+        self.__wrapped__ = fn
+
+    def __call__(self, *args, **kwargs):
+        compiled = self._compiled
+        if compiled is None:
+            try:
+                compiled = self._compile(self._fn, **self._kwargs)
+            except Exception:  # noqa: BLE001 -- bitsandbytes' fallback for a failed torch.compile
+                compiled = self._fn
+            self._compiled = compiled
+        return compiled(*args, **kwargs)
+
+
+def import_bitsandbytes():
+    """``import bitsandbytes``, with the ``torch.compile`` calls its modules make while importing
+    deferred to their first call (:class:`_DeferredCompile`). The first import of bitsandbytes
+    in a process decides; slimtune imports it through here."""
+    if "bitsandbytes" not in sys.modules:
+        from unittest import mock
+
+        real = torch.compile
+
+        def deferred(model=None, **kwargs):
+            if model is None:  # ``@torch.compile(dynamic=False)``
+                return lambda fn: _DeferredCompile(real, fn, kwargs)
+            return _DeferredCompile(real, model, kwargs)
+
+        with mock.patch.object(torch, "compile", deferred):
+            import bitsandbytes  # noqa: F401
     import bitsandbytes
 
     return bitsandbytes
@@ -36,7 +77,7 @@ def is_quantized(module: nn.Module) -> bool:
 
 def quantize_linear(linear: nn.Linear, cfg) -> nn.Module:
     """A ``Linear4bit`` holding ``linear``'s weight in NF4 (bias kept dense, same Parameter)."""
-    bnb = _bnb()
+    bnb = import_bitsandbytes()
     weight = linear.weight.detach()
     if weight.device.type == "meta":
         raise ValueError("cannot quantize a weight on the meta device; materialize (load) it first")
@@ -183,7 +224,7 @@ def route_forward(module: nn.Module) -> nn.Module:
 @functools.cache
 def _row_straddling_class():
     """A Linear4bit whose CPU forward decodes blocks that straddle rows correctly (see above)."""
-    base = _bnb().nn.Linear4bit
+    base = import_bitsandbytes().nn.Linear4bit
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu":

@@ -381,3 +381,47 @@ def test_torchao_backend_backward_reaches_input():
     q(inputs_embeds=e).logits.square().mean().backward()
     assert e.grad is not None and e.grad.abs().sum() > 0
     assert all(m.weight.grad is None for m in q.modules() if is_quantized_linear(m))
+
+
+# --------------------------------------------------------------------------- deferred torch.compile
+def test_deferred_compile_compiles_at_the_first_call_and_falls_back_like_bitsandbytes():
+    from slimtune.quant.bnb import _DeferredCompile
+
+    made = []
+
+    def fake_compile(fn, **kwargs):
+        made.append(kwargs)
+        return lambda *a, **k: ("compiled", fn(*a, **k))
+
+    lazy = _DeferredCompile(fake_compile, lambda x, y=1: x + y, {"dynamic": False})
+    assert made == [] and lazy.__wrapped__(1) == 2  # nothing compiled at definition
+    assert lazy(1, y=2) == ("compiled", 3) and lazy(5) == ("compiled", 6)
+    assert made == [{"dynamic": False}]  # compiled once, with the decorator's arguments
+
+    def broken_compile(fn, **kwargs):
+        raise RuntimeError("no compiler")
+
+    # bitsandbytes' own decorator answers a torch.compile that raises with the plain function
+    assert _DeferredCompile(broken_compile, lambda x: x * 3, {})(2) == 6
+
+
+def test_import_bitsandbytes_defers_its_torch_compile_decorations():
+    """In a fresh process: ``import_bitsandbytes`` does not import torch's inductor (bitsandbytes'
+    decorators made ``torch.compile`` wrappers at import, 1.5-1.8 s here) and its default-backend
+    ops hold the deferred wrappers (whose calls the test above checks)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch\n"
+        "from slimtune.quant.bnb import import_bitsandbytes, _DeferredCompile\n"
+        "import_bitsandbytes()\n"
+        "assert 'torch._inductor.compile_fx' not in sys.modules\n"
+        "import bitsandbytes.backends.default.ops as ops\n"
+        "fn = ops._dequantize_4bit_compute\n"
+        "inner = [c.cell_contents for c in fn.__closure__ if isinstance(c.cell_contents, _DeferredCompile)]\n"
+        "assert len(inner) == 1, fn.__closure__\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]

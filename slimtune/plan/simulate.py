@@ -42,7 +42,8 @@ tuple per tensor. Two more remove work that allocates nothing a tracker would se
 propagation linear, ``memory.fast_foreach_strategies`` (FSDP2) computes its per-element strategies
 once per distinct element, and :func:`replay_nf4_dequant` (torchao NF4) repeats the tracker events of
 torchao's dequantization, recorded once per weight layout, instead of re-running its 20-odd fake
-ops 9 times per linear per step (``memory.replay_pure_calls``). And the interpreter's own
+ops 9 times per linear per step (``memory.replay_pure_calls``); ZeRO-3's parameter-release rule is
+answered from an index of its trace (``plan.zero3_sim.fast_release``). And the interpreter's own
 overheads, where nothing a tracker sees depends on them: the tracker's dispatch runs without
 torch's dynamo-disable wrapper (:func:`_plain_tracker_dispatch`), no automatic full garbage
 collection runs while simulating (:func:`_no_full_collections`), torch's dispatch-rule look-up and
@@ -227,9 +228,11 @@ def fake_process_group(world: int) -> Iterator[None]:
 def _bnb_dynamic_map(fake_mode) -> Iterator[None]:
     """bitsandbytes builds its 256-entry dynamic map lazily with data-dependent ops; build it
     for real and hand the fake mode a fake copy while simulating."""
-    import bitsandbytes.functional as bf
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
+    from slimtune.quant.bnb import import_bitsandbytes
+
+    bf = import_bitsandbytes().functional
     had = "dynamic" in bf.name2qmap
     with unset_fake_temporarily():
         real = bf.name2qmap["dynamic"] if had else bf.create_dynamic_map()
@@ -276,6 +279,7 @@ def _fast_device_mode():
 
 from slimtune.plan.interpreter import (  # noqa: E402  (entered by simulate(); patched by the tests)
     _CachedSignatures, _cached_torch_lookups, _no_full_collections, _plain_tracker_dispatch)
+from slimtune.plan.zero3_sim import check_release_indexes, zero3_patches  # noqa: E402
 
 
 # --------------------------------------------------------------------------- engines
@@ -292,102 +296,11 @@ def _fsdp2_patches(world: int, notes: list[str]) -> list:
             mock.patch.object(fsdp2, "publish", lambda *a, **k: [])]
 
 
-def _fake_apply(self: nn.Module, fn, recurse: bool = True) -> nn.Module:
-    """``Module._apply`` for fake parameters: ``Module.to``/``.half()`` swap a parameter for
-    the converted one, which fake tensors refuse (the fake mode holds weak references to them);
-    here a no-op conversion keeps the parameter and a real one assigns ``param.data`` (what
-    ``_apply`` does for plain tensors)."""
-    if recurse:
-        for child in self.children():
-            _fake_apply(child, fn)
-    for p in self._parameters.values():
-        if p is None:
-            continue
-        with torch.no_grad():
-            applied = fn(p)
-        if applied is not p and (applied.dtype != p.dtype or applied.device != p.device):
-            p.data = applied
-    for key, b in self._buffers.items():
-        if b is not None:
-            self._buffers[key] = fn(b)
-    return self
-
-
-def _zero3_iter_params(original):
-    """DeepSpeed's ``iter_params(module, recurse=False)``: the module's own parameters in
-    registration order (``named_parameters(recurse=False)``: None entries skipped, each parameter
-    once) then its ZeRO external parameters -- read from the module's dicts instead of through
-    ``named_parameters``' generators (DeepSpeed asks it for every module several times per pass,
-    and for every module of its reuse look-ahead). Recursive calls, and modules registering one
-    parameter twice, go to DeepSpeed's function."""
-
-    def iter_params(module, recurse=False):
-        if recurse:
-            return original(module, recurse)
-        d = module.__dict__
-        own = [p for p in d["_parameters"].values() if p is not None]
-        if len(own) > 1 and len(set(map(id, own))) != len(own):
-            return original(module, recurse)
-        external = d.get("_external_params")
-        return own + list(external.values()) if external else own
-
-    return iter_params
-
-
-def _zero3_speedups() -> list:
-    """Two of DeepSpeed's per-module questions answered from the module's dicts, with the same
-    answers (tests/unit/test_simulate_speed.py compares whole simulations with and without):
-    ``z3_leaf_module`` -- ``hasattr(module, '_z3_leaf') and module._z3_leaf``, where for the usual
-    module without the flag ``hasattr`` goes through ``Module.__getattr__`` and a caught
-    AttributeError (the flag is an instance attribute, ``set_z3_leaf_module``) -- and
-    :func:`_zero3_iter_params`."""
-    import deepspeed.runtime.zero.parameter_offload as offload
-    import deepspeed.runtime.zero.partitioned_param_coordinator as coordinator
-    import deepspeed.utils.nvtx as nvtx
-
-    leaf = lambda module: module.__dict__.get("_z3_leaf", False)  # noqa: E731
-    params = _zero3_iter_params(coordinator.iter_params)
-    # NVTX ranges: DeepSpeed pushes one around each of its instrumented calls (tens of thousands
-    # per pass) through its accelerator, whose CPU ranges are no-ops; nothing of them is simulated
-    return [mock.patch.object(offload, "z3_leaf_module", leaf), mock.patch.object(coordinator, "z3_leaf_module", leaf),
-            mock.patch.object(offload, "iter_params", params), mock.patch.object(coordinator, "iter_params", params),
-            mock.patch.object(nvtx, "enable_nvtx", False)]
-
-
-def _zero3_patches(world: int, notes: list[str]) -> list:
-    """DeepSpeed on fake tensors: ``Module.to`` through :func:`_fake_apply`; two checks that read
-    values are answered as in a healthy run -- the cross-rank agreement on the module order
-    (every fake rank is this one) and the non-finite gradient-norm check (finite) -- the shard
-    report is skipped, and no CPU shared-memory comm op is built (a GPU run has none). Plus
-    :func:`_zero3_speedups`."""
-    import importlib
-
-    import deepspeed.runtime.zero.partitioned_param_coordinator as coordinator
-    import deepspeed.runtime.zero.stage3 as stage3
-
-    import slimtune.launch.zero3 as zero3
-
-    # (``import deepspeed.comm.torch as m`` would bind the ``torch`` package that module imports)
-    ds_torch_comm = importlib.import_module("deepspeed.comm.torch")
-
-    notes.append("DeepSpeed: Module.to on fake parameters assigns .data instead of swapping them; the cross-rank "
-                 "module-order check and the non-finite grad-norm check are answered as in a healthy run")
-    # On a CPU accelerator DeepSpeed's comm backend JIT-compiles its shared-memory collective op
-    # (about a minute of C++ the first time in an environment); a GPU run (the run being planned)
-    # has no such op and goes through torch.distributed -- here, the fake process group.
-    return _zero3_speedups() + [
-        mock.patch.object(ds_torch_comm, "build_shm_op", lambda: None),
-        mock.patch.object(nn.Module, "_apply", _fake_apply),
-        mock.patch.object(coordinator, "assert_ints_same_as_other_ranks", lambda ints: None),
-        mock.patch.object(stage3, "is_invalid_grad_norm", lambda norm: False),
-        mock.patch.object(zero3, "publish", lambda *a, **k: [])]
-
-
 # shard.strategy -> patches that let its engine run on fake tensors (one table, as launch.SHARDERS)
 SHARD_SIMULATION = {
     "none": lambda world, notes: [],
     "fsdp2": _fsdp2_patches,
-    "deepspeed_zero3": _zero3_patches,
+    "deepspeed_zero3": zero3_patches,
 }
 
 
@@ -441,11 +354,12 @@ def _prune(model: nn.Module, cfg, fake_mode, notes: list[str]) -> None:
 def _quantize_bnb(model: nn.Module, qcfg) -> None:
     """bitsandbytes NF4 on fake weights (see module doc): ``quant.bnb.quantize_linear``'s module,
     with the packed data and state bitsandbytes' ``quantize_4bit`` computes."""
-    import bitsandbytes.functional as bf
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
     from slimtune.quant import iter_quantize
     from slimtune.quant import bnb as qbnb
+
+    bf = qbnb.import_bitsandbytes().functional
 
     done: dict = {}  # (shape, dtype) -> (packed, QuantState) of the first weight of that shape
 
@@ -463,7 +377,7 @@ def _quantize_bnb(model: nn.Module, qcfg) -> None:
 
     def quantize_linear(linear: nn.Linear, cfg) -> nn.Module:
         storage = qbnb._DTYPES[cfg.quant_storage]
-        cls = qbnb._bnb().nn.Linear4bit if qbnb._native_cpu_kernel_ok(linear.in_features, cfg.block_size) \
+        cls = qbnb.import_bitsandbytes().nn.Linear4bit if qbnb._native_cpu_kernel_ok(linear.in_features, cfg.block_size) \
             else qbnb._row_straddling_class()
         with unset_fake_temporarily():  # the module shell on the meta device, as quant.bnb builds it
             new = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
@@ -683,7 +597,20 @@ def _foreach_like_cuda(optimizer, notes: list[str]) -> None:
 
 
 def simulate(cfg, world: int = 1, steps: int = 2, cuda_defaults: bool = True, fast_ops: bool = True) -> SimResult:
-    """Build and run ``cfg`` as rank 0 of ``world`` on fake tensors; return its tracked peak."""
+    """Build and run ``cfg`` as rank 0 of ``world`` on fake tensors; return its tracked peak. Run
+    again with DeepSpeed's own release rule if the model changed under ZeRO-3's release index."""
+    from slimtune.plan import zero3_sim
+
+    try:
+        return _simulate(cfg, world, steps, cuda_defaults, fast_ops)
+    except zero3_sim.StaleReleaseIndex as err:
+        with mock.patch.object(zero3_sim, "fast_release", lambda: []):
+            result = _simulate(cfg, world, steps, cuda_defaults, fast_ops)
+        result.notes.append(f"ZeRO-3: {err}; simulated again with DeepSpeed's own release rule")
+        return result
+
+
+def _simulate(cfg, world: int, steps: int, cuda_defaults: bool, fast_ops: bool) -> SimResult:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from slimtune.launch import SHARDERS, track_engine
@@ -740,6 +667,7 @@ def simulate(cfg, world: int = 1, steps: int = 2, cuda_defaults: bool = True, fa
             del batches
             for _ in range(max(1, steps - 1)):
                 train_step(engine, cfg, vocab, tracker, fake=True, micro=2)
+        check_release_indexes()  # (ZeRO-3) the release rule's index was exact to the last step
         if cfg.train.grad_accum > 2:
             notes.append(f"gradient accumulation: 2 of the {cfg.train.grad_accum} micro-batches of each step were run "
                          "(all were fetched, as the trainer does); micro-batches 3.. repeat the second one's memory")

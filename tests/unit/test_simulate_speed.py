@@ -204,22 +204,22 @@ def test_plain_mapping_of_foreach_arguments_matches_pytree():
 def test_simulation_is_unchanged_by_the_zero3_speedups(overrides, tmp_path):
     """DeepSpeed's leaf-module flag and per-module parameter lists read from the module's dicts
     (``_zero3_speedups``): byte-identical peak, breakdown and phase peaks, and they were used."""
-    import slimtune.plan.simulate as sim
+    import slimtune.plan.zero3_sim as zsim
 
     cfg = load_config(None, TINY + [f"output.dir={tmp_path}", "shard.strategy=deepspeed_zero3"] + overrides)
     calls = []
-    real = sim._zero3_iter_params
+    real = zsim._zero3_iter_params
 
     def counting(original):
         fast = real(original)
         return lambda module, recurse=False: calls.append(recurse) or fast(module, recurse)
 
     _cold_caches()
-    with mock.patch.object(sim, "_zero3_iter_params", counting):
+    with mock.patch.object(zsim, "_zero3_iter_params", counting):
         fast = simulate(cfg, world=2)
     assert calls.count(False) > 0
     _cold_caches()
-    with mock.patch.object(sim, "_zero3_speedups", lambda: []):
+    with mock.patch.object(zsim, "_zero3_speedups", lambda: []):
         plain = simulate(cfg, world=2)
     assert fast.peak_bytes == plain.peak_bytes > 0
     assert fast.breakdown == plain.breakdown
@@ -322,3 +322,103 @@ def test_dispatch_rule_memo_answers_as_torch_outside_the_simulation():
     with switch:
         assert find_rule(op, cls) is rule and find_rule(op, cls) is rule and len(seen) == 3  # memoized
     assert find_rule(op, cls) is rule and len(seen) == 4  # after: the original again
+
+
+def _deepspeed_release_rule():
+    """DeepSpeed's own ``__params_to_release`` body (inside its NVTX wrapper and lru_cache)."""
+    import deepspeed.runtime.zero.partitioned_param_coordinator as coordinator
+
+    from slimtune.plan.zero3_sim import _RELEASE
+
+    outer = coordinator.PartitionedParameterCoordinator.__dict__[_RELEASE]
+    cached = [c.cell_contents for c in outer.__closure__ if hasattr(c.cell_contents, "cache_info")]
+    assert len(cached) == 1
+    return cached[0].__wrapped__
+
+
+def _release_answers(distance: int, tmp_path) -> tuple[list, object]:
+    """A tiny ZeRO-3 simulation (LoRA, activation checkpointing, two micro-batches) with reuse
+    distance ``distance``, recording for the first computation of every (submodule, step) the
+    index's answer, DeepSpeed's own rule's answer and the submodule's releasable parameters."""
+    import deepspeed.runtime.zero.partitioned_param_coordinator as coordinator
+
+    import slimtune.plan.zero3_sim as zsim
+
+    ds = json.loads((REPO / "configs/deepspeed/zero3.json").read_text())
+    ds["zero_optimization"]["stage3_max_reuse_distance"] = distance
+    (tmp_path / f"ds{distance}.json").write_text(json.dumps(ds))
+    cfg = load_config(None, TINY + [f"output.dir={tmp_path}", "shard.strategy=deepspeed_zero3",
+                                    f"shard.deepspeed_config={tmp_path / f'ds{distance}.json'}", "method.name=lora",
+                                    "train.activation_checkpointing=true", "train.grad_accum=2"])
+    reference = _deepspeed_release_rule()
+    real_fast_release = zsim.fast_release
+    answers: list = []
+
+    def checking():
+        patches = real_fast_release()
+        fast = patches[0].new
+        seen: set = set()
+
+        def release(self, submodule, step_id):
+            out = fast(self, submodule, step_id)
+            if (id(submodule), step_id) not in seen:  # later calls hand out the cached (and updated) set
+                seen.add((id(submodule), step_id))
+                own = {p.ds_id for p in coordinator.iter_params(submodule) if not p.ds_persist}
+                answers.append((set(out), reference(self, submodule, step_id), own))
+            return out
+
+        return [mock.patch.object(coordinator.PartitionedParameterCoordinator, zsim._RELEASE, release)] + patches[1:]
+
+    _cold_caches()
+    with mock.patch.object(zsim, "fast_release", checking):
+        result = simulate(cfg, world=2)
+    return answers, result
+
+
+def test_release_index_answers_as_deepspeeds_rule(tmp_path):
+    """ZeRO-3's release rule from the index (``zero3_sim.fast_release``) against DeepSpeed's own
+    rule, answer by answer, for reuse distances from none through a partial window (a million
+    elements of this 2-layer model) to the whole trace: the same sets, and the distance changes how many
+    parameters stay gathered (whole simulations with and without the index: the zero3_speedups test)."""
+    kept = {}
+    for distance in (0, 1_000_000, 1_000_000_000):
+        answers, result = _release_answers(distance, tmp_path)
+        assert len(answers) > 50 and result.peak_bytes > 0
+        assert all(ours == ref for ours, ref, _ in answers)
+        kept[distance] = sum(len(own - ours) for ours, _, own in answers)  # releasable but kept gathered
+    assert kept[0] < kept[1_000_000] < kept[1_000_000_000]
+
+
+def test_release_index_goes_stale_loudly_and_the_simulation_reruns_without_it(tmp_path):
+    """When a trace module's parameters differ from what the index recorded (here the record is
+    altered once, right after it is built: DeepSpeed itself stops with a tracing error when a
+    module's parameters really change after its trace), the next ``reset_step`` raises
+    ``StaleReleaseIndex`` and ``simulate`` runs again with DeepSpeed's own rule, and says so."""
+    import deepspeed.runtime.zero.partitioned_param_coordinator as coordinator
+
+    import slimtune.plan.zero3_sim as zsim
+
+    # two micro-batches: the check at the second one's start (reset_step, inside DeepSpeed's forward hook) raises
+    cfg = load_config(None, TINY + [f"output.dir={tmp_path}", "shard.strategy=deepspeed_zero3", "method.name=lora",
+                                    "train.grad_accum=2"])
+    real_init = zsim._Index.__init__
+    built = []
+
+    def recording_init(self, order, recurse, iter_params):
+        real_init(self, order, recurse, iter_params)
+        if not built:  # the first index only: its record of the first module with parameters loses one
+            k = next(k for k, params in enumerate(self.snapshot) if params)
+            self.snapshot[k] = self.snapshot[k][1:]
+        built.append(self)
+
+    index = zsim._Index((), False, coordinator.iter_params)
+    assert index.end(0, 10) == 0 and not index.seen(1, 0, 0)
+    _cold_caches()
+    with mock.patch.object(zsim._Index, "__init__", recording_init):
+        result = simulate(cfg, world=2)
+    assert len(built) == 1  # the second run did without the index
+    assert any("DeepSpeed's own release rule" in n and "changed after" in n for n in result.notes)
+    _cold_caches()
+    with mock.patch.object(zsim, "fast_release", lambda: []):
+        plain = simulate(cfg, world=2)
+    assert result.peak_bytes == plain.peak_bytes > 0 and result.breakdown == plain.breakdown

@@ -6,6 +6,7 @@ Flow: config -> models.load -> quant -> method.attach -> shard -> optim -> loop
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -122,8 +123,6 @@ def optimizer_step(engine, batches: list[dict], global_tokens: float, cfg: RunCo
     ranks, so the gradient is the same for any split into micro-batches and ranks.  ``phase``:
     an optional ``name -> context manager`` (the memory tracker's) wrapped around forward and
     backward; the benchmark harness uses it.  The scheduler is the caller's to step."""
-    import contextlib
-
     from slimtune.trainer.loss import token_loss_sum
 
     phase = phase or (lambda name: contextlib.nullcontext())
@@ -203,91 +202,94 @@ def train(cfg: RunConfig) -> RunResult:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)  # before sharding partitions them
     tokenizer = tokenizer or model_tokenizer_only
     engine = SHARDERS[cfg.shard.strategy](model, cfg, info, build_optimizer)
-    scheduler = build_scheduler(engine.optimizer, cfg)
-    collate_fn = lambda b: collate(b, pad_id)  # noqa: E731
+    # the engine and the metrics files are let go on every way out (an error, a stop), not only at
+    # the normal end: DeepSpeed keeps engines alive for the life of the process otherwise (ZeRO3Engine.close)
+    with contextlib.ExitStack() as cleanup:
+        cleanup.callback(engine.close)
+        scheduler = build_scheduler(engine.optimizer, cfg)
+        collate_fn = lambda b: collate(b, pad_id)  # noqa: E731
 
-    sampler = BatchSampler(len(data.train), cfg.train.micro_batch_size, seed=cfg.train.seed,
-                           shuffle=cfg.data.shuffle, rank=info.rank, world_size=info.world_size)
-    start_step, tokens_seen = 0, 0
-    if resume_from is not None:
-        state = ckpt.load_checkpoint(resume_from, engine, info.rank)
-        start_step = state["step"]
-        tokens_seen = state.get("tokens_seen", 0)
-        scheduler.load_state_dict(state["scheduler"])
-        sampler.load_state_dict(state["sampler"])
+        sampler = BatchSampler(len(data.train), cfg.train.micro_batch_size, seed=cfg.train.seed,
+                               shuffle=cfg.data.shuffle, rank=info.rank, world_size=info.world_size)
+        start_step, tokens_seen = 0, 0
+        if resume_from is not None:
+            state = ckpt.load_checkpoint(resume_from, engine, info.rank)
+            start_step = state["step"]
+            tokens_seen = state.get("tokens_seen", 0)
+            scheduler.load_state_dict(state["scheduler"])
+            sampler.load_state_dict(state["sampler"])
+            if info.is_main:
+                log.info("resumed from %s at step %d", resume_from, start_step)
+
         if info.is_main:
-            log.info("resumed from %s at step %d", resume_from, start_step)
+            log.info("trainable parameters: %d", trainable)
+        metrics = MetricsLogger(str(out_dir), info.is_main, cfg.train.tensorboard, cfg.train.progress_bar,
+                                cfg.train.max_steps, start_step)
+        cleanup.callback(metrics.close)
+        result = RunResult(output_dir=str(out_dir), step=start_step)
 
-    if info.is_main:
-        log.info("trainable parameters: %d", trainable)
-    metrics = MetricsLogger(str(out_dir), info.is_main, cfg.train.tensorboard, cfg.train.progress_bar,
-                            cfg.train.max_steps, start_step)
-    result = RunResult(output_dir=str(out_dir), step=start_step)
+        def run_eval(step: int) -> dict:
+            rec = {"step": step}
+            m = engine.unwrapped()
+            if data.eval:
+                rec["eval_loss"] = eval_loss(m, data.eval, collate_fn, cfg.train.eval_batch_size, info.rank,
+                                             info.world_size, info.device, cfg.kernels)
+            if data.eval_prompts:
+                rec["eval_accuracy"] = eval_accuracy(m, tokenizer, data.eval_prompts, cfg.data.max_new_tokens,
+                                                     cfg.train.eval_batch_size, info.rank, info.world_size, info.device)
+            metrics.log(rec)
+            return rec
 
-    def run_eval(step: int) -> dict:
-        rec = {"step": step}
-        m = engine.unwrapped()
-        if data.eval:
-            rec["eval_loss"] = eval_loss(m, data.eval, collate_fn, cfg.train.eval_batch_size, info.rank,
-                                         info.world_size, info.device, cfg.kernels)
-        if data.eval_prompts:
-            rec["eval_accuracy"] = eval_accuracy(m, tokenizer, data.eval_prompts, cfg.data.max_new_tokens,
-                                                 cfg.train.eval_batch_size, info.rank, info.world_size, info.device)
-        metrics.log(rec)
-        return rec
+        def trainer_state(step: int) -> dict:
+            return {"step": step, "tokens_seen": tokens_seen, "scheduler": scheduler.state_dict(),
+                    "sampler": sampler.state_dict(), "world_size": info.world_size}
 
-    def trainer_state(step: int) -> dict:
-        return {"step": step, "tokens_seen": tokens_seen, "scheduler": scheduler.state_dict(),
-                "sampler": sampler.state_dict(), "world_size": info.world_size}
+        if start_step == 0 and cfg.train.eval_at_ends and (data.eval or data.eval_prompts):
+            result.eval["initial"] = run_eval(0)
 
-    if start_step == 0 and cfg.train.eval_at_ends and (data.eval or data.eval_prompts):
-        result.eval["initial"] = run_eval(0)
-
-    step = start_step
-    steps_this_process = 0
-    model.train()
-    with _StopFlag() as stop:
-        while step < cfg.train.max_steps:
-            t0 = time.perf_counter()
-            batches = _fetch_step_batches(sampler, data.train, collate_fn, cfg.train.grad_accum, info.device)
-            n_tok = torch.tensor([float(sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches))])
-            global_tokens = float(all_reduce_sum(n_tok).item())
-            lr = scheduler.get_last_lr()[0]  # the lr this step uses
-            loss_total, grad_norm = optimizer_step(engine, batches, global_tokens, cfg)
-            scheduler.step()
-            step += 1
-            steps_this_process += 1
-            tokens_seen += int(global_tokens)
-            loss = float(all_reduce_sum(loss_total.clone()).item()) / max(global_tokens, 1.0)
-            if not math.isfinite(loss):
-                raise FloatingPointError(f"loss became {loss} at step {step}; lower optim.lr or check the data")
-            result.losses.append(loss)
-            dt = time.perf_counter() - t0
-            if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
-                metrics.log({"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                             "tokens": int(global_tokens), "tokens_per_s": global_tokens / dt, "step_time_s": dt})
-            if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.max_steps:
-                run_eval(step)
-            stopping = stop.should_stop() or (
-                cfg.train.stop_after_steps is not None and steps_this_process >= cfg.train.stop_after_steps)
-            periodic = cfg.train.save_every and step % cfg.train.save_every == 0
-            if periodic or stopping or step == cfg.train.max_steps:
-                ckpt.save_checkpoint(cfg.output.dir, step, engine, trainer_state(step), cfg.train.keep_last, info.rank,
-                                     extra=prune_map.save if prune_map is not None else None)
-            if stopping:
-                result.interrupted = True
-                break
-    result.step = step
-    if step >= cfg.train.max_steps and not result.interrupted:
-        if cfg.train.eval_at_ends and (data.eval or data.eval_prompts):
-            result.eval["final"] = run_eval(step)
-        full_model = engine.export_model()
-        export_run(full_model, tokenizer, cfg, out_dir, info, prune_map=prune_map)
-        if prune_map is not None and cfg.pruning.recover_at_end:
-            result.eval.update(_recover_and_evaluate(full_model, tokenizer, cfg, prune_map, out_dir, info, data, step,
-                                                     metrics, collate_fn))
-    metrics.close()
-    engine.close()
+        step = start_step
+        steps_this_process = 0
+        model.train()
+        with _StopFlag() as stop:
+            while step < cfg.train.max_steps:
+                t0 = time.perf_counter()
+                batches = _fetch_step_batches(sampler, data.train, collate_fn, cfg.train.grad_accum, info.device)
+                n_tok = torch.tensor([float(sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches))])
+                global_tokens = float(all_reduce_sum(n_tok).item())
+                lr = scheduler.get_last_lr()[0]  # the lr this step uses
+                loss_total, grad_norm = optimizer_step(engine, batches, global_tokens, cfg)
+                scheduler.step()
+                step += 1
+                steps_this_process += 1
+                tokens_seen += int(global_tokens)
+                loss = float(all_reduce_sum(loss_total.clone()).item()) / max(global_tokens, 1.0)
+                if not math.isfinite(loss):
+                    raise FloatingPointError(f"loss became {loss} at step {step}; lower optim.lr or check the data")
+                result.losses.append(loss)
+                dt = time.perf_counter() - t0
+                if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
+                    metrics.log({"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                                 "tokens": int(global_tokens), "tokens_per_s": global_tokens / dt, "step_time_s": dt})
+                if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.max_steps:
+                    run_eval(step)
+                stopping = stop.should_stop() or (
+                    cfg.train.stop_after_steps is not None and steps_this_process >= cfg.train.stop_after_steps)
+                periodic = cfg.train.save_every and step % cfg.train.save_every == 0
+                if periodic or stopping or step == cfg.train.max_steps:
+                    ckpt.save_checkpoint(cfg.output.dir, step, engine, trainer_state(step), cfg.train.keep_last,
+                                         info.rank, extra=prune_map.save if prune_map is not None else None)
+                if stopping:
+                    result.interrupted = True
+                    break
+        result.step = step
+        if step >= cfg.train.max_steps and not result.interrupted:
+            if cfg.train.eval_at_ends and (data.eval or data.eval_prompts):
+                result.eval["final"] = run_eval(step)
+            full_model = engine.export_model()
+            export_run(full_model, tokenizer, cfg, out_dir, info, prune_map=prune_map)
+            if prune_map is not None and cfg.pruning.recover_at_end:
+                result.eval.update(_recover_and_evaluate(full_model, tokenizer, cfg, prune_map, out_dir, info, data,
+                                                         step, metrics, collate_fn))
     return result
 
 

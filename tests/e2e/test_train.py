@@ -131,6 +131,41 @@ def test_sigterm_saves_checkpoint_and_exits_cleanly(tmp_path):
     assert "SIGTERM" in out
 
 
+def test_a_run_that_fails_mid_training_lets_go_of_its_engine_and_metrics(tmp_path, monkeypatch):
+    """An error in the loop (here a non-finite loss at step 3) propagates as it is, after the engine
+    (DeepSpeed keeps engines alive otherwise) and the metrics file are closed; the checkpoint of
+    step 2 is intact."""
+    import slimtune.launch as launch
+    import slimtune.trainer.loop as loop
+    from slimtune.trainer.metrics import MetricsLogger
+
+    closed = []
+    real_engine = launch.SHARDERS["none"]
+
+    def engine_spy(*args, **kwargs):
+        engine = real_engine(*args, **kwargs)
+        real_close = engine.close
+        engine.close = lambda: closed.append("engine") or real_close()
+        return engine
+
+    real_metrics_close = MetricsLogger.close
+    monkeypatch.setattr(MetricsLogger, "close", lambda self: closed.append("metrics") or real_metrics_close(self))
+    monkeypatch.setitem(launch.SHARDERS, "none", engine_spy)
+    real_step, calls = loop.optimizer_step, []
+
+    def failing_step(engine, batches, global_tokens, cfg):
+        calls.append(1)
+        loss, norm = real_step(engine, batches, global_tokens, cfg)
+        return (loss * float("nan") if len(calls) == 3 else loss), norm
+
+    monkeypatch.setattr(loop, "optimizer_step", failing_step)
+    with pytest.raises(FloatingPointError, match="at step 3"):
+        train(_cfg(tmp_path, "train.max_steps=5", "train.save_every=2"))
+    assert closed == ["metrics", "engine"]  # the metrics file first, then the engine
+    assert ckpt.latest_checkpoint(tmp_path).name == "step-00000002"
+    assert sorted(_losses(tmp_path)) == [1, 2]
+
+
 def test_bad_data_file_fails_fast_with_file_and_line(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "1+1=", "response": "2"}\n{"prompt": "2+2=", "response": \n')

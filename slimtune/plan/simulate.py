@@ -27,6 +27,9 @@ and says so (``SimResult.notes``):
   tensors have no values, so two kernel choices are answered as a real batch gets them:
   SDPA's fused-kernel choice (:func:`_fused_attention_choice`) and transformers' skipping of
   an all-ones mask (:func:`_maskless_causal`).
+* The accelerator is the CPU, where a host-to-GPU copy is no copy: ZeRO-3 with offloaded
+  parameters on one rank per partition group copies them as a GPU would
+  (``plan.zero3_sim.host_partition_copies``, table ``SHARD_ON_GPU``; with ``cuda_defaults``).
 
 Speed (a 70B recipe is a few hundred thousand fake ops): nothing is skipped or extrapolated --
 every layer of every micro-batch runs. What is made cheaper is the cost per op:
@@ -279,7 +282,7 @@ def _fast_device_mode():
 
 from slimtune.plan.interpreter import (  # noqa: E402  (entered by simulate(); patched by the tests)
     _CachedSignatures, _cached_torch_lookups, _no_full_collections, _plain_tracker_dispatch)
-from slimtune.plan.zero3_sim import check_release_indexes, zero3_patches  # noqa: E402
+from slimtune.plan.zero3_sim import check_release_indexes, host_partition_copies, zero3_patches  # noqa: E402
 
 
 # --------------------------------------------------------------------------- engines
@@ -301,6 +304,12 @@ SHARD_SIMULATION = {
     "none": lambda world, notes: [],
     "fsdp2": _fsdp2_patches,
     "deepspeed_zero3": zero3_patches,
+}
+# shard.strategy -> patches (given the built engine) for what a GPU does that the CPU accelerator does not
+SHARD_ON_GPU = {
+    "none": lambda engine, notes: [],
+    "fsdp2": lambda engine, notes: [],
+    "deepspeed_zero3": host_partition_copies,
 }
 
 
@@ -653,6 +662,8 @@ def _simulate(cfg, world: int, steps: int, cuda_defaults: bool, fast_ops: bool) 
         stack.callback(engine.close)  # on the way out, under the fake mode still (also after an error)
         if cuda_defaults:
             _foreach_like_cuda(engine.optimizer, notes)
+            for patch in SHARD_ON_GPU[cfg.shard.strategy](engine, notes):
+                stack.enter_context(patch)
         # Before step 1's optimizer step there is no optimizer state, so step 1's forward/backward
         # cannot exceed a later step's: it runs one micro-batch, untracked. The tracker registers what
         # is alive (weights, trainable parameters, gradients) and records step 1's optimizer step

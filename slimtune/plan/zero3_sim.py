@@ -259,3 +259,34 @@ def zero3_patches(world: int, notes: list[str]) -> list:
         mock.patch.object(coordinator, "assert_ints_same_as_other_ranks", lambda ints: None),
         mock.patch.object(stage3, "is_invalid_grad_norm", lambda norm: False),
         mock.patch.object(zero3, "publish", lambda *a, **k: [])]
+
+
+def host_partition_copies(engine, notes: list[str]) -> list:
+    """What a GPU does that the simulation's CPU accelerator does not, when a parameter's partition
+    group has one rank (``--gpus 1``, or a parameter DeepSpeed does not split): DeepSpeed gathers
+    nothing and sets ``param.data = ds_tensor.data.to(<accelerator device>)``. With ``offload_param``
+    the partition lives in host memory, so on a GPU that ``.to`` is a copy in GPU memory, held until
+    the parameter is released; on the CPU accelerator it is the partition itself, and nothing was
+    counted (the 70B ZeRO-3 recipe on one GPU simulated 2 GiB below two GPUs: the bf16 ``lm_head``,
+    gathered at the loss). While simulating a GPU run, DeepSpeed's no-gather handles copy such
+    partitions; persistent parameters stay on the GPU (DeepSpeed keeps them there) and are not
+    copied. Nothing changes without parameter offload."""
+    offload = engine.ds.zero_offload_param() if hasattr(engine, "ds") else None
+    if offload is None or str(getattr(offload.device, "value", offload.device)) not in ("cpu", "nvme"):
+        return []
+    import deepspeed.runtime.zero.partition_parameters as pp
+
+    def copying(real_init):
+        def init(self, params):
+            real_init(self, params)
+            for param in params if isinstance(params, list) else [params]:
+                ds = param.ds_tensor
+                if not param.ds_persist and not hasattr(ds, "ds_quant_scale") \
+                        and param.data.untyped_storage()._cdata == ds.data.untyped_storage()._cdata:
+                    param.data = ds.data.clone().view(param.ds_shape)  # the host-to-GPU copy
+        return init
+
+    notes.append("DeepSpeed: parameters gathered by one rank (no all-gather) are copied from their offloaded "
+                 "host partition to the GPU, as on a GPU (the CPU accelerator would use the partition itself)")
+    return [mock.patch.object(pp.NoGatherHandle, "__init__", copying(pp.NoGatherHandle.__init__)),
+            mock.patch.object(pp.NoGatherCoalescedHandle, "__init__", copying(pp.NoGatherCoalescedHandle.__init__))]

@@ -320,3 +320,32 @@ def test_a_closed_zero3_engine_is_not_kept_alive_by_deepspeed(tmp_path):
     cfg = _cfg(tmp_path, ["method.name=lora", "shard.strategy=deepspeed_zero3"])
     assert simulate(cfg, world=2, cuda_defaults=False).peak_bytes > 0
     assert engines() == before
+
+
+def test_zero3_on_one_gpu_with_offloaded_parameters_counts_their_gpu_copies(tmp_path):
+    """One rank per partition group: DeepSpeed gathers nothing and moves each offloaded partition to
+    the GPU (``ds_tensor.to(device)``: a copy there, the partition itself on the CPU accelerator).
+    Simulating the GPU run (``cuda_defaults``), those copies are counted: one GPU then simulates
+    within 2% of two (with offload, the weights stay in host memory on both), where without them it
+    read about 40% lower; two GPUs are unchanged (they all-gather), and so is a run without offload."""
+    from unittest import mock
+
+    import slimtune.plan.simulate as sim
+
+    cfg = _cfg(tmp_path, ["method.name=lora", *BF16_NF4, "quant.quant_storage=bfloat16",
+                          "shard.strategy=deepspeed_zero3", "shard.deepspeed_config=configs/deepspeed/zero3_offload.json",
+                          "train.activation_checkpointing=true"])
+    no_copies = mock.patch.dict(sim.SHARD_ON_GPU, {"deepspeed_zero3": lambda engine, notes: []})
+    one = simulate(cfg, world=1)
+    two = simulate(cfg, world=2)
+    with no_copies:
+        one_plain = simulate(cfg, world=1)
+        two_plain = simulate(cfg, world=2)
+    assert abs(one.peak_bytes - two.peak_bytes) <= 0.02 * two.peak_bytes
+    assert one_plain.peak_bytes < 0.8 * one.peak_bytes
+    assert two_plain.peak_bytes == two.peak_bytes
+    assert any("copied from their offloaded host partition" in n for n in one.notes)
+    on_gpu = _cfg(tmp_path, ["method.name=lora", "shard.strategy=deepspeed_zero3"])  # zero3.json: no offload
+    with no_copies:
+        plain = simulate(on_gpu, world=1)
+    assert simulate(on_gpu, world=1).peak_bytes == plain.peak_bytes

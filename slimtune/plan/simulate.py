@@ -282,7 +282,7 @@ def _fast_device_mode():
 
 from slimtune.plan.interpreter import (  # noqa: E402  (entered by simulate(); patched by the tests)
     _CachedSignatures, _cached_torch_lookups, _no_full_collections, _plain_tracker_dispatch)
-from slimtune.plan.zero3_sim import check_release_indexes, host_partition_copies, zero3_patches  # noqa: E402
+from slimtune.plan.zero3_sim import host_partition_copies, zero3_patches  # noqa: E402
 
 
 # --------------------------------------------------------------------------- engines
@@ -678,7 +678,6 @@ def _simulate(cfg, world: int, steps: int, cuda_defaults: bool, fast_ops: bool) 
             del batches
             for _ in range(max(1, steps - 1)):
                 train_step(engine, cfg, vocab, tracker, fake=True, micro=2)
-        check_release_indexes()  # (ZeRO-3) the release rule's index was exact to the last step
         if cfg.train.grad_accum > 2:
             notes.append(f"gradient accumulation: 2 of the {cfg.train.grad_accum} micro-batches of each step were run "
                          "(all were fetched, as the trainer does); micro-batches 3.. repeat the second one's memory")

@@ -23,8 +23,8 @@ positions. Same answers, in microseconds.
 The index records what ``iter_params`` answered for each module of the trace when it was built.
 DeepSpeed's own cache already assumes those answers do not change once the trace is complete;
 every ``reset_step`` (the start of each forward) and the end of the simulation check them again,
-and a change raises :class:`StaleReleaseIndex`, on which ``plan.simulate`` runs the simulation
-again without the index (tests/unit/test_simulate_speed.py compares each answer with DeepSpeed's
+and a change raises :class:`StaleReleaseIndex` (as does a complete trace that DeepSpeed did not
+freeze), on which ``plan.simulate`` runs the simulation again without the index (tests/unit/test_simulate_speed.py compares each answer with DeepSpeed's
 own, for reuse distances from none to the whole trace, and checks that rerun)."""
 from __future__ import annotations
 
@@ -85,56 +85,28 @@ class _Index:
                                         "ZeRO-3's trace was complete")
 
 
-_LIVE: list[dict] = []  # the index tables of the fast_release patches now entered
-
-
-@contextlib.contextmanager
-def _live(indexes: dict) -> Iterator[None]:
-    _LIVE.append(indexes)
-    try:
-        yield
-    finally:
-        _LIVE.remove(indexes)
-
-
-def check_release_indexes(coordinator_obj=None) -> None:
-    """Check every index built while :func:`fast_release` is entered (or only ``coordinator_obj``'s)
-    against what ``iter_params`` answers now; raise :class:`StaleReleaseIndex` on a difference.
-    ``reset_step`` runs it at the start of every forward; ``plan.simulate`` after its last step."""
-    if not _LIVE:  # not simulating ZeRO-3 (nor importing DeepSpeed for it)
-        return
-    import deepspeed.runtime.zero.partitioned_param_coordinator as coordinator
-
-    for indexes in _LIVE:
-        for owner, held in list(indexes.values()):
-            if coordinator_obj is None or owner is coordinator_obj:
-                for index in held.values():
-                    index.check(coordinator.iter_params)
-
-
 def fast_release():
     """Patches of ``PartitionedParameterCoordinator``: ``__params_to_release`` from the index,
-    ``reset_step`` checking the index first (see module doc)."""
+    ``reset_step`` checking its coordinator's indexes first, and a last check of every index when
+    the simulation leaves without an error (see module doc)."""
     import deepspeed.runtime.zero.partitioned_param_coordinator as coordinator
 
     cls = coordinator.PartitionedParameterCoordinator
-    indexes: dict = {}  # id(coordinator) -> (coordinator, {(id(order), recurse): _Index})
+    indexes: dict = {}  # (id(coordinator), id(trace), recurse) -> (coordinator, _Index); both held
 
-    def index_for(self, order: tuple, recurse: bool) -> _Index:
-        held = indexes.get(id(self))
-        if held is None:
-            held = indexes[id(self)] = (self, {})
-        key = (id(order), recurse)
-        index = held[1].get(key)
-        if index is None:
-            index = held[1][key] = _Index(order, recurse, coordinator.iter_params)
-        return index
+    def check(owner=None) -> None:
+        for held, index in list(indexes.values()):
+            if owner is None or held is owner:
+                index.check(coordinator.iter_params)
 
     @functools.lru_cache(maxsize=None)
     def params_to_release(self, submodule, step_id: int) -> set:
         # DeepSpeed's rule, step for step (deepspeed/runtime/zero/partitioned_param_coordinator.py)
         if not self.is_complete_trace():
             raise RuntimeError("expected trace to be complete")
+        order = getattr(self, _ORDER)
+        if type(order) is not tuple:  # DeepSpeed freezes the trace into a tuple as it completes it
+            raise StaleReleaseIndex("ZeRO-3's complete trace is not a frozen tuple")
         recurse = coordinator.z3_leaf_module(submodule)
         own = list(coordinator.iter_params(submodule, recurse=recurse))
         release = set(p.ds_id for p in own if not p.ds_persist)
@@ -142,19 +114,11 @@ def fast_release():
         for p in own:
             if fetched[p] > step_id:
                 release.discard(p.ds_id)
-        order = getattr(self, _ORDER)
-        distance = getattr(self, _REUSE)
-        if type(order) is not tuple:  # DeepSpeed freezes a complete trace into a tuple; else walk it
-            walked = 0
-            for module in order[step_id:]:
-                if walked >= distance:
-                    break
-                for p in coordinator.iter_params(module, recurse=recurse):
-                    release.discard(p.ds_id)
-                    walked += p.ds_numel
-            return release
-        index = index_for(self, order, recurse)
-        stop = index.end(step_id, distance)
+        key = (id(self), id(order), recurse)
+        if key not in indexes:
+            indexes[key] = (self, _Index(order, recurse, coordinator.iter_params))
+        index = indexes[key][1]
+        stop = index.end(step_id, getattr(self, _REUSE))
         for ds_id in list(release):
             if index.seen(ds_id, step_id, stop):
                 release.discard(ds_id)
@@ -163,11 +127,16 @@ def fast_release():
     real_reset = cls.reset_step
 
     def reset_step(self) -> None:
-        check_release_indexes(self)
+        check(self)
         return real_reset(self)
 
+    @contextlib.contextmanager
+    def checked_on_exit() -> Iterator[None]:
+        yield  # (after an error the simulation's own exception goes on as it is)
+        check()
+
     return [mock.patch.object(cls, _RELEASE, params_to_release), mock.patch.object(cls, "reset_step", reset_step),
-            _live(indexes)]
+            checked_on_exit()]
 
 
 def _fake_apply(self: nn.Module, fn, recurse: bool = True) -> nn.Module:
@@ -271,7 +240,7 @@ def host_partition_copies(engine, notes: list[str]) -> list:
     gathered at the loss). While simulating a GPU run, DeepSpeed's no-gather handles copy such
     partitions; persistent parameters stay on the GPU (DeepSpeed keeps them there) and are not
     copied. Nothing changes without parameter offload."""
-    offload = engine.ds.zero_offload_param() if hasattr(engine, "ds") else None
+    offload = engine.ds.zero_offload_param()
     if offload is None or str(getattr(offload.device, "value", offload.device)) not in ("cpu", "nvme"):
         return []
     import deepspeed.runtime.zero.partition_parameters as pp

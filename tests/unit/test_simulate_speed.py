@@ -389,10 +389,12 @@ def test_release_index_answers_as_deepspeeds_rule(tmp_path):
     assert kept[0] < kept[1_000_000] < kept[1_000_000_000]
 
 
-def test_release_index_goes_stale_loudly_and_the_simulation_reruns_without_it(tmp_path):
+@pytest.mark.parametrize("accum", [2, 1], ids=["checked-at-reset_step", "checked-at-the-end"])
+def test_release_index_goes_stale_loudly_and_the_simulation_reruns_without_it(accum, tmp_path):
     """When a trace module's parameters differ from what the index recorded (here the record is
     altered once, right after it is built: DeepSpeed itself stops with a tracing error when a
-    module's parameters really change after its trace), the next ``reset_step`` raises
+    module's parameters really change after its trace), the next ``reset_step`` -- or, with one
+    micro-batch per step (no later forward), the end of the simulation -- raises
     ``StaleReleaseIndex`` and ``simulate`` runs again with DeepSpeed's own rule, and says so."""
     import deepspeed.runtime.zero.partitioned_param_coordinator as coordinator
 
@@ -400,7 +402,7 @@ def test_release_index_goes_stale_loudly_and_the_simulation_reruns_without_it(tm
 
     # two micro-batches: the check at the second one's start (reset_step, inside DeepSpeed's forward hook) raises
     cfg = load_config(None, TINY + [f"output.dir={tmp_path}", "shard.strategy=deepspeed_zero3", "method.name=lora",
-                                    "train.grad_accum=2"])
+                                    f"train.grad_accum={accum}"])
     real_init = zsim._Index.__init__
     built = []
 

@@ -29,7 +29,9 @@ and says so (``SimResult.notes``):
   an all-ones mask (:func:`_maskless_causal`).
 * The accelerator is the CPU, where a host-to-GPU copy is no copy: ZeRO-3 with offloaded
   parameters on one rank per partition group copies them as a GPU would
-  (``plan.zero3_sim.host_partition_copies``, table ``SHARD_ON_GPU``; with ``cuda_defaults``).
+  (``plan.zero3_sim.host_partition_copies``), and FSDP2 with CPU offload copies each host
+  shard to the GPU before its all-gather (``plan.fsdp2_sim.host_shard_copies``); table
+  ``SHARD_ON_GPU``, with ``cuda_defaults``.
 
 Speed (a 70B recipe is a few hundred thousand fake ops): nothing is skipped or extrapolated --
 every layer of every micro-batch runs. What is made cheaper is the cost per op:
@@ -282,33 +284,21 @@ def _fast_device_mode():
 
 from slimtune.plan.interpreter import (  # noqa: E402  (entered by simulate(); patched by the tests)
     _CachedSignatures, _cached_torch_lookups, _no_full_collections, _plain_tracker_dispatch)
+from slimtune.plan.fsdp2_sim import fsdp2_patches, host_shard_copies  # noqa: E402
 from slimtune.plan.zero3_sim import host_partition_copies, zero3_patches  # noqa: E402
 
 
 # --------------------------------------------------------------------------- engines
-def _fsdp2_patches(world: int, notes: list[str]) -> list:
-    """The device mesh is made before fake mode (``init_device_mesh`` reads rank values) and
-    handed to the engine in place of ``launch.fsdp2.make_mesh``; the shard report (a collective
-    that gathers Python objects and writes a file) is skipped."""
-    from torch.distributed.device_mesh import init_device_mesh
-
-    import slimtune.launch.fsdp2 as fsdp2
-
-    mesh = init_device_mesh("cpu", (world,))
-    return [mock.patch.object(fsdp2, "make_mesh", lambda _info: mesh),
-            mock.patch.object(fsdp2, "publish", lambda *a, **k: [])]
-
-
 # shard.strategy -> patches that let its engine run on fake tensors (one table, as launch.SHARDERS)
 SHARD_SIMULATION = {
     "none": lambda world, notes: [],
-    "fsdp2": _fsdp2_patches,
+    "fsdp2": fsdp2_patches,
     "deepspeed_zero3": zero3_patches,
 }
 # shard.strategy -> patches (given the built engine) for what a GPU does that the CPU accelerator does not
 SHARD_ON_GPU = {
     "none": lambda engine, notes: [],
-    "fsdp2": lambda engine, notes: [],
+    "fsdp2": host_shard_copies,
     "deepspeed_zero3": host_partition_copies,
 }
 

@@ -349,3 +349,55 @@ def test_zero3_on_one_gpu_with_offloaded_parameters_counts_their_gpu_copies(tmp_
     with no_copies:
         plain = simulate(on_gpu, world=1)
     assert simulate(on_gpu, world=1).peak_bytes == plain.peak_bytes
+
+
+def test_fsdp2_with_cpu_offload_all_gathers_a_gpu_copy_of_each_host_shard(tmp_path):
+    """FSDP2 with CPU offload moves each host shard to the GPU before its all-gather
+    (``FSDPParam.all_gather_inputs``: ``.to(device)``), a copy on a GPU but the shard itself on the
+    CPU accelerator. While simulating a GPU run (``plan.fsdp2_sim.host_shard_copies``), every
+    all-gather input -- torchao NF4 inner tensors and plain LoRA factors -- is a new storage with
+    the shard's bytes, which a tracker counts; without offload nothing is patched."""
+    import contextlib
+    from types import SimpleNamespace
+
+    from slimtune.launch import SHARDERS
+    from slimtune.launch.dist import DistInfo
+    from slimtune.memory import MemoryTracker
+    from slimtune.memory.tracker import tensor_storages
+    from slimtune.optim import build_optimizer
+    from slimtune.plan.fsdp2_sim import fsdp2_patches, host_shard_copies
+    from slimtune.plan.simulate import fake_process_group
+    from slimtune.trainer.loop import build_model
+
+    wide = "model.overrides={num_hidden_layers: 2, hidden_size: 512, intermediate_size: 1536}"  # NF4 splits in 2
+    cfg = _cfg(tmp_path, ["method.name=lora", *BF16_NF4, "quant.backend=torchao", "shard.strategy=fsdp2",
+                          "shard.cpu_offload=true", wide])
+    info = DistInfo(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"))
+    with fake_process_group(2), contextlib.ExitStack() as stack:
+        for patch in fsdp2_patches(2, []):
+            stack.enter_context(patch)
+        model, _ = build_model(cfg, "cpu")
+        engine = SHARDERS["fsdp2"](model, cfg, info, build_optimizer)
+        stack.callback(engine.close)
+        model._get_fsdp_state()._lazy_init()
+        params = model.model.layers[0]._get_fsdp_state()._fsdp_param_group.fsdp_params
+        assert {type(p._sharded_local_tensor).__name__ for p in params} == {"NF4Tensor", "Tensor"}
+
+        def on_host(p, inputs):
+            host = {st._cdata for st in tensor_storages(p._sharded_local_tensor)}
+            return [t.untyped_storage()._cdata in host for t in inputs]
+
+        for p in params:  # the CPU accelerator: the host shard itself
+            assert all(on_host(p, p.all_gather_inputs))
+        notes: list[str] = []
+        for patch in host_shard_copies(engine, notes):
+            stack.enter_context(patch)
+        for p in params:
+            tracker = MemoryTracker()
+            with tracker:
+                inputs = p.all_gather_inputs
+            assert not any(on_host(p, inputs))
+            assert tracker.peak_bytes == sum(t.untyped_storage().nbytes() for t in inputs) > 0
+        assert any("copied from host memory to the GPU" in n for n in notes)
+    no_offload = load_config(None, TINY + [f"output.dir={tmp_path}", "shard.strategy=fsdp2"])
+    assert host_shard_copies(SimpleNamespace(cfg=no_offload), []) == []

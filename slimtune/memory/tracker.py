@@ -185,10 +185,11 @@ def collect_tensors(obj: Any, _depth: int = 0) -> list[torch.Tensor]:
 class _Rec:
     """One live storage."""
 
-    __slots__ = ("nbytes", "category", "device", "seq")
+    __slots__ = ("nbytes", "category", "device", "seq", "host", "made_on_host")
 
     def __init__(self, nbytes: int, category: str, device: str, seq: int):
         self.nbytes, self.category, self.device, self.seq = nbytes, category, device, seq
+        self.host = self.made_on_host = False  # see MemoryTracker(host_categories=, host_phases=)
 
 
 class _Peak:
@@ -228,6 +229,12 @@ class MemoryTracker(TorchDispatchMode):
             Under FakeTensorMode the tensor's fake device is used.
         track_saved_tensors: install the saved-tensors pack hook that labels activations.
         cuda_rounding: round CUDA storages up to 512 bytes as the caching allocator does.
+        host_categories, host_phases: what a run keeps in host memory although the tracker sees
+            it on one device (a simulation on fake CPU tensors of a GPU run with CPU offload): the
+            storages of these categories, and the storages created while one of these phases is
+            open (an optimizer step that runs on the host). ``device_peak_bytes`` /
+            ``device_peak_breakdown`` are then the peak of everything else, over time -- not the
+            overall peak less the host part at that moment, which can be another moment.
 
     Use::
 
@@ -243,8 +250,18 @@ class MemoryTracker(TorchDispatchMode):
         tracker.peak_bytes, tracker.peak_breakdown, tracker.summary()
     """
 
-    def __init__(self, device: str | None = None, track_saved_tensors: bool = True, cuda_rounding: bool = True):
+    def __init__(self, device: str | None = None, track_saved_tensors: bool = True, cuda_rounding: bool = True,
+                 host_categories: tuple[str, ...] = (), host_phases: tuple[str, ...] = ()):
         super().__init__()
+        unknown = set(host_categories) - set(CATEGORIES)
+        if unknown:
+            raise ValueError(f"unknown memory categories {sorted(unknown)}; expected some of {CATEGORIES}")
+        self._host_categories, self._host_phases = frozenset(host_categories), frozenset(host_phases)
+        self._split = bool(self._host_categories or self._host_phases)
+        self._host_current = dict.fromkeys(CATEGORIES, 0)
+        self._host_total = 0
+        self._device_peak = _Peak(0, dict.fromkeys(CATEGORIES, 0), 0)
+        self._device_peak_host = 0
         self._device = device
         self._track_saved = track_saved_tensors
         self._cuda_rounding = cuda_rounding
@@ -275,6 +292,21 @@ class MemoryTracker(TorchDispatchMode):
     def peak_breakdown(self) -> dict[str, int]:
         """Bytes per category at the moment of the peak."""
         return dict(self._peak.breakdown)
+
+    @property
+    def device_peak_bytes(self) -> int:
+        """Peak of the bytes not in host memory (``host_categories`` / ``host_phases``); without
+        them, the peak."""
+        return self._device_peak.bytes if self._split else self._peak.bytes
+
+    @property
+    def device_peak_breakdown(self) -> dict[str, int]:
+        return dict(self._device_peak.breakdown if self._split else self._peak.breakdown)
+
+    @property
+    def device_peak_host_bytes(self) -> int:
+        """Bytes in host memory at the moment of ``device_peak_bytes``."""
+        return self._device_peak_host if self._split else 0
 
     @property
     def current_bytes(self) -> int:
@@ -326,6 +358,8 @@ class MemoryTracker(TorchDispatchMode):
     def reset_peak(self) -> None:
         """Start peak tracking afresh from the current live bytes (e.g. to measure step 2 alone)."""
         self._peak = _Peak(self._total, dict(self._current), self._seq)
+        self._device_peak, self._device_peak_host = _Peak(0, dict.fromkeys(CATEGORIES, 0), 0), 0
+        self._update_peaks()
         self._phase_peaks = {}
         for name in self._active_phase_names():
             self._phase_peaks[name] = _Peak(self._total, dict(self._current), self._seq)
@@ -534,6 +568,10 @@ class MemoryTracker(TorchDispatchMode):
         """Count ``nbytes`` live under ``key`` (a real storage or a replayed one)."""
         self._seq += 1
         rec = _Rec(nbytes, category, device, self._seq)
+        if self._split:
+            rec.made_on_host = any(frame.name in self._host_phases for frame in self._frames)
+            if rec.made_on_host or category in self._host_categories:
+                self._to_host(rec, 1)
         self._live[key] = rec
         self._current[category] += nbytes
         self._total += nbytes
@@ -548,6 +586,8 @@ class MemoryTracker(TorchDispatchMode):
             return
         del self._live[key]
         self._seq += 1
+        if rec.host:
+            self._to_host(rec, -1)
         self._current[rec.category] -= rec.nbytes
         self._total -= rec.nbytes
         if self._recorder is not None:
@@ -557,6 +597,9 @@ class MemoryTracker(TorchDispatchMode):
         if self._recorder is not None:
             self._recorder.append(("resize",))
         delta = size - rec.nbytes
+        if rec.host:
+            self._host_current[rec.category] += delta
+            self._host_total += delta
         rec.nbytes = size
         self._seq += 1
         self._current[rec.category] += delta
@@ -573,18 +616,38 @@ class MemoryTracker(TorchDispatchMode):
         self._current[old] -= rec.nbytes
         self._current[category] += rec.nbytes
         # Re-attribute the recorded peaks this storage was alive for (it is alive now and was
-        # created at rec.seq, so it was alive at any peak recorded since).
-        for pk in (self._peak, *self._phase_peaks.values()):
+        # created at rec.seq, so it was alive at any peak recorded since; the device peak only
+        # where it was not in host memory, which it was since its creation or never).
+        peaks = (self._peak, *self._phase_peaks.values(), *(() if rec.host else (self._device_peak,)))
+        for pk in peaks:
             if rec.seq <= pk.seq:
                 moved = min(rec.nbytes, pk.breakdown[old])
                 pk.breakdown[old] -= moved
                 pk.breakdown[category] += moved
+        was_host = rec.host
+        if was_host:
+            self._to_host(rec, -1)
         rec.category = category
+        if self._split and (rec.made_on_host or category in self._host_categories):
+            self._to_host(rec, 1)
+        elif was_host:
+            self._update_peaks()  # back from the host: on the device from now on
+
+    def _to_host(self, rec: _Rec, sign: int) -> None:
+        """Count ``rec`` in (sign 1) or out of (sign -1) the host part."""
+        rec.host = sign > 0
+        self._host_current[rec.category] += sign * rec.nbytes
+        self._host_total += sign * rec.nbytes
 
     def _update_peaks(self) -> None:
         total = self._total
         if total > self._peak.bytes:
             self._peak = _Peak(total, dict(self._current), self._seq)
+        if self._split and total - self._host_total > self._device_peak.bytes:
+            host = self._host_current
+            self._device_peak = _Peak(total - self._host_total, {c: n - host[c] for c, n in self._current.items()},
+                                      self._seq)
+            self._device_peak_host = self._host_total
         if self._frames or torch._C._current_graph_task_id() != -1:
             for name in self._active_phase_names():
                 pk = self._phase_peaks.get(name)

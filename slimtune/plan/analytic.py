@@ -155,7 +155,7 @@ def _static(inv: Inventory, cfg, world: int, device: str) -> dict:
     return {"weights": weights, "trainable": trainable, "grads": grads_gpu, "optimizer": opt_gpu, "grad_units": grad_units,
             "grads_static": grads_static,
             "grads_accumulated": acc,
-            "grads_whole": trainable_whole, "host": host, "largest_param": largest_param,
+            "grads_whole": trainable_whole, "host": host, "largest_param": largest_param, "opt_offload": opt_offload,
             "shapes_local": shapes_local, "trainable_dtype": tdtype or "float32"}
 
 
@@ -420,8 +420,11 @@ def _gathered(inv: Inventory, cfg, world: int, spec: ModelSpec, E: int) -> dict[
 
 
 def _optimizer_temp(cfg, st: dict, device: str, spec: ModelSpec) -> dict:
-    """Transient bytes inside ``optimizer.step()``."""
+    """Transient bytes inside ``optimizer.step()`` on the GPU: none when the optimizer state is
+    offloaded (the step runs on the host, next to it)."""
     name = cfg.optim.name
+    if st["opt_offload"]:
+        return {"bytes": 0, "label": ""}
     if cfg.shard.strategy == "deepspeed_zero3" and st["shapes_local"]:
         # ZeRO-3 steps one flat fp32 partition per group: the gradient partitions are flattened
         # and converted to fp32 first (``_prepare_fp32_grad_for_sub_group``), then torch's AdamW

@@ -58,10 +58,10 @@ tests/unit/test_simulate_speed.py and tests/unit/test_fast_ops.py check that the
 and phase peaks are byte-identical with and without each of them. Wall times of the 70B recipes:
 docs/planner.md.
 
-DTensor's sharding propagation caches its answers per process; on a miss it builds fake tensors
-that the tracker counts as optimizer-phase temporaries. A second simulation in one process can
-therefore report a smaller optimizer-phase peak (not the overall peak) than the first; the CLI
-runs one per process, and the tests clear that cache between runs.
+DTensor's sharding propagation (FSDP2) builds fake tensors to derive output metadata; in a real
+run they live in a fake mode of their own and allocate nothing, and while simulating they do too
+(``plan.fsdp2_sim.own_propagation_mode``), so they are not counted, and a second simulation in one
+process reports what the first did although DTensor's cache of those answers is then warm.
 """
 from __future__ import annotations
 
@@ -84,9 +84,10 @@ _FOREACH_ON_CUDA = ("AdamW", "Adam")
 
 @dataclass
 class SimResult:
-    """One rank's tracked peak. ``peak_bytes`` / ``breakdown``: on the GPU (what stays on the host
-    under CPU offload is taken out, see :func:`_host_resident`); ``tracked_bytes``: everything
-    the tracker saw (fake tensors all sit on one fake device)."""
+    """One rank's tracked peak. ``peak_bytes`` / ``breakdown``: on the GPU, the peak over time of
+    what is not in host memory under CPU offload (see :func:`_host_memory`), and ``host_bytes`` the
+    host part at that moment; ``tracked_bytes``: the peak of everything the tracker saw (fake
+    tensors all sit on one fake device); ``phases``: per-phase peaks of everything tracked."""
 
     peak_bytes: int
     breakdown: dict[str, int]
@@ -98,26 +99,29 @@ class SimResult:
     host_bytes: int = 0
 
 
-def _host_resident(cfg, world: int, model: nn.Module, breakdown: dict[str, int]) -> dict[str, int]:
-    """Bytes of the tracked peak that a CUDA run keeps in host memory: with CPU offload the
-    sharded parameters (FSDP2 ``CPUOffloadPolicy``, ZeRO-3 ``offload_param``), and the gradients
-    and optimizer state (FSDP2, ZeRO-3 ``offload_optimizer``). bitsandbytes' quantization state
-    is a plain attribute of the weight and stays on the GPU. On the fake CPU device everything
-    is on one device, so these categories are taken out of the peak by what the run offloads."""
+def _host_memory(cfg, world: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """What a CUDA run keeps in host memory, as ``MemoryTracker(host_categories=, host_phases=)``:
+    with CPU offload the sharded parameters (FSDP2 ``CPUOffloadPolicy``, ZeRO-3 ``offload_param``:
+    weights, trainable), the gradients and optimizer state (FSDP2, ZeRO-3 ``offload_optimizer``)
+    and then also what the optimizer step allocates (it runs on the host). On the fake CPU device
+    everything sits on one device: the tracker keeps these apart and records the peak of the rest
+    over time (the GPU peak)."""
     from slimtune.plan.sharding import SHARD_PLANS
 
     params_off, opt_off = SHARD_PLANS[cfg.shard.strategy].offloads(cfg, world)
-    host = {}
-    if params_off:
-        from slimtune.launch.report import _quant_state_bytes
+    categories = (("weights", "trainable") if params_off else ()) + (("optimizer", "grads") if opt_off else ())
+    return categories, (("optimizer",) if opt_off else ())
 
-        on_gpu = sum(_quant_state_bytes(p) for p in model.parameters())
-        host["weights"] = max(0, breakdown.get("weights", 0) - on_gpu)
-        host["trainable"] = breakdown.get("trainable", 0)
-    if opt_off:
-        host["optimizer"] = breakdown.get("optimizer", 0)
-        host["grads"] = breakdown.get("grads", 0)
-    return host
+
+def _quant_state_on_gpu(model: nn.Module, host_categories: tuple[str, ...]) -> int:
+    """bitsandbytes' quantization state is a plain attribute of the weight: parameter offload
+    leaves it on the GPU, where it stays throughout (so it is added to the GPU peak, whatever its
+    moment), although the tracker counts it with the offloaded weights."""
+    if "weights" not in host_categories:
+        return 0
+    from slimtune.launch.report import _quant_state_bytes
+
+    return sum(_quant_state_bytes(p) for p in model.parameters())
 
 
 # --------------------------------------------------------------------------- fake-mode helpers
@@ -660,7 +664,8 @@ def _simulate(cfg, world: int, steps: int, cuda_defaults: bool, fast_ops: bool) 
         # (state created; GaLore's first SVD) and every later step in full.
         with _fast_device_mode():
             batches = micro_batches(engine, cfg, vocab, fake=True, micro=1)
-        tracker = MemoryTracker()
+        host_categories, host_phases = _host_memory(cfg, world)
+        tracker = MemoryTracker(host_categories=host_categories, host_phases=host_phases)
         track_engine(tracker, model, engine)
         tracker.register(batches, "temporaries")
         with tracker:
@@ -671,20 +676,23 @@ def _simulate(cfg, world: int, steps: int, cuda_defaults: bool, fast_ops: bool) 
         if cfg.train.grad_accum > 2:
             notes.append(f"gradient accumulation: 2 of the {cfg.train.grad_accum} micro-batches of each step were run "
                          "(all were fetched, as the trainer does); micro-batches 3.. repeat the second one's memory")
-    breakdown = tracker.peak_breakdown
-    host = _host_resident(cfg, world, model, breakdown)
-    if host:
-        notes.append("CPU offload: the sharded state the run keeps in host memory ("
-                     + ", ".join(sorted(host)) + ") is not counted in the GPU peak")
-    gpu = {k: v - host.get(k, 0) for k, v in breakdown.items()}
-    return SimResult(peak_bytes=sum(gpu.values()), breakdown=gpu, phases=tracker.phase_peaks, world=world,
-                     seconds=time.perf_counter() - t0, notes=notes, tracked_bytes=tracker.peak_bytes,
-                     host_bytes=sum(host.values()))
+    on_gpu = _quant_state_on_gpu(model, host_categories)
+    gpu = tracker.device_peak_breakdown
+    gpu["weights"] += on_gpu
+    if host_categories:
+        notes.append("CPU offload: what the run keeps in host memory (" + ", ".join(host_categories)
+                     + (", and what the optimizer step allocates" if host_phases else "")
+                     + ") is not counted in the GPU peak, the largest GPU part over time")
+    return SimResult(peak_bytes=tracker.device_peak_bytes + on_gpu, breakdown=gpu, phases=tracker.phase_peaks,
+                     world=world, seconds=time.perf_counter() - t0, notes=notes, tracked_bytes=tracker.peak_bytes,
+                     host_bytes=tracker.device_peak_host_bytes - on_gpu)
 
 
 def measure_real(cfg, steps: int = 2, seed: int = 0) -> SimResult:
     """The same steps on real tensors (a CPU run of a small model): ``trainer.loop.build_model``
-    and the engine, tracked by ``MemoryTracker`` -- the reference the planner is tested against."""
+    and the engine, tracked by ``MemoryTracker`` -- the reference the planner is tested against.
+    ``tracked_bytes``: the peak of everything (all on the CPU); ``peak_bytes`` / ``breakdown``: what
+    a GPU run would hold on the GPU, split off as :func:`simulate` does (the same without offload)."""
     from slimtune.launch import SHARDERS, track_engine
     from slimtune.launch.dist import DistInfo
     from slimtune.memory import MemoryTracker
@@ -704,7 +712,8 @@ def measure_real(cfg, steps: int = 2, seed: int = 0) -> SimResult:
 
         apply_kernels(model, cfg.kernels)
     engine = SHARDERS[cfg.shard.strategy](model, cfg, info, build_optimizer)
-    tracker = MemoryTracker()
+    host_categories, host_phases = _host_memory(cfg, world)
+    tracker = MemoryTracker(host_categories=host_categories, host_phases=host_phases)
     track_engine(tracker, model, engine)
     try:
         with tracker:
@@ -712,5 +721,9 @@ def measure_real(cfg, steps: int = 2, seed: int = 0) -> SimResult:
                 train_step(engine, cfg, model.config.vocab_size, tracker)
     finally:
         engine.close()
-    return SimResult(peak_bytes=tracker.peak_bytes, breakdown=tracker.peak_breakdown, phases=tracker.phase_peaks,
-                     world=world, seconds=time.perf_counter() - t0)
+    on_gpu = _quant_state_on_gpu(model, host_categories)
+    gpu = tracker.device_peak_breakdown
+    gpu["weights"] += on_gpu
+    return SimResult(peak_bytes=tracker.device_peak_bytes + on_gpu, breakdown=gpu, phases=tracker.phase_peaks,
+                     world=world, seconds=time.perf_counter() - t0, tracked_bytes=tracker.peak_bytes,
+                     host_bytes=tracker.device_peak_host_bytes - on_gpu)

@@ -112,9 +112,9 @@ def _worker(spec_path: str) -> None:
         runs = []
         for _ in range(REPEATS):
             runs.append(measure_real(_cfg(overrides, f"{spec['workdir']}/{name}")))
-        r = min(runs, key=lambda run: run.peak_bytes)
-        out[name] = {"peak": r.peak_bytes, "breakdown": r.breakdown, "phases": r.phases, "seconds": r.seconds,
-                     "peaks": [run.peak_bytes for run in runs]}
+        r = min(runs, key=lambda run: run.tracked_bytes)
+        out[name] = {"peak": r.tracked_bytes, "gpu": r.peak_bytes, "breakdown": r.breakdown, "phases": r.phases,
+                     "seconds": r.seconds, "peaks": [run.tracked_bytes for run in runs]}
         print(f"[rank {info.rank}] {name}: peaks {out[name]['peaks']}", flush=True)  # where a crash happened
     if info.is_main:
         Path(spec["out"]).write_text(json.dumps(out))
@@ -134,19 +134,6 @@ def real_peaks(jobs: dict[str, list[str]], tmp_path: Path) -> dict:
     return json.loads(out.read_text())
 
 
-def _on_gpu(cfg, peak: int, breakdown: dict) -> int:
-    """The part of a CPU run's tracked peak that a CUDA run keeps on the GPU: with CPU offload the
-    engines keep the sharded parameters (weights, trainable) and the optimizer state and gradients
-    in host memory -- the rule ``plan.simulate`` applies to its own peak (the offload cases here
-    have no 4-bit weights, whose quantization state would stay on the GPU)."""
-    from slimtune.plan.sharding import SHARD_PLANS
-
-    params_off, opt_off = SHARD_PLANS[cfg.shard.strategy].offloads(cfg, 2)
-    host = (breakdown.get("weights", 0) + breakdown.get("trainable", 0)) if params_off else 0
-    host += (breakdown.get("optimizer", 0) + breakdown.get("grads", 0)) if opt_off else 0
-    return peak - host
-
-
 def _check(engine: str, names: list[str], tmp_path: Path) -> None:
     from slimtune.plan.analytic import estimate
     from slimtune.plan.simulate import simulate
@@ -162,7 +149,7 @@ def _check(engine: str, names: list[str], tmp_path: Path) -> None:
         sim = simulate(cfg, world=2, cuda_defaults=False)
         ana = estimate(cfg, world=2, device="cpu")
         ref, sim_ref = real[name]["peak"], sim.tracked_bytes  # everything the tracker saw, host and GPU
-        gpu = _on_gpu(cfg, ref, real[name]["breakdown"])  # what the estimate is of
+        gpu = real[name]["gpu"]  # what the estimate is of: the GPU part (plan.simulate's host split)
         print(f"{engine}/{name}: real {ref} {real[name]['peaks']} (GPU part {gpu}) simulated {sim_ref} ({sim_ref / ref:.3f}) "
               f"analytic {ana.allocated_peak} ({ana.allocated_peak / gpu:.3f}) at {ana.moment}")
         if abs(sim_ref / ref - 1) > 0.02:

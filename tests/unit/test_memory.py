@@ -111,6 +111,36 @@ def test_storage_resize_is_tracked():
     assert tr.current_bytes == 8192
 
 
+def test_host_categories_and_phases_give_the_device_peak_over_time():
+    """With CPU offload a GPU run keeps some categories, and what its host-side optimizer step
+    allocates, in host memory; on one (fake) device the tracker keeps them apart and records the
+    peak of the rest over time -- not the overall peak less the host part at that moment."""
+    with pytest.raises(ValueError, match="bogus"):
+        MemoryTracker(host_categories=("bogus",))
+    tr = MemoryTracker(host_categories=("grads",), host_phases=("optimizer",))
+    with tr:
+        with tr.phase("optimizer"):
+            step = torch.empty(1000, dtype=torch.uint8)  # made by the host-side step: host memory
+        a = torch.empty(300, dtype=torch.uint8)
+        b = torch.empty(200, dtype=torch.uint8)
+        assert (tr.device_peak_bytes, tr.device_peak_host_bytes) == (500, 1000)
+        tr.register(b, "grads")  # moved to the host (an offloaded gradient)
+        c = torch.empty(400, dtype=torch.uint8)
+        assert (tr.device_peak_bytes, tr.device_peak_host_bytes) == (700, 1200)
+        assert tr.device_peak_breakdown["temporaries"] == 700 and tr.device_peak_breakdown["grads"] == 0
+        del step
+        tr.register(b, "temporaries")  # back on the device: a new device peak at once
+        assert (tr.device_peak_bytes, tr.device_peak_host_bytes) == (900, 0)
+        del a, b, c
+    assert tr.peak_bytes == 1900  # everything, on the one device the tracker sees
+    plain = MemoryTracker()
+    with plain:
+        x = torch.empty(64, dtype=torch.uint8)
+    assert (plain.device_peak_bytes, plain.device_peak_breakdown) == (plain.peak_bytes, plain.peak_breakdown) == \
+        (64, {**dict.fromkeys(CATEGORIES, 0), "temporaries": 64})
+    del x
+
+
 # ------------------------------------------------------------- analytic reference
 @pytest.mark.parametrize("batch,dim,layers", [(64, 32, 3), (8, 64, 4), (256, 16, 2)])
 def test_chain_of_linears_matches_analytic_peak(batch, dim, layers):

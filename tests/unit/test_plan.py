@@ -401,3 +401,43 @@ def test_fsdp2_with_cpu_offload_all_gathers_a_gpu_copy_of_each_host_shard(tmp_pa
         assert any("copied from host memory to the GPU" in n for n in notes)
     no_offload = load_config(None, TINY + [f"output.dir={tmp_path}", "shard.strategy=fsdp2"])
     assert host_shard_copies(SimpleNamespace(cfg=no_offload), []) == []
+
+
+def test_with_cpu_offload_the_optimizer_step_runs_on_the_host(tmp_path):
+    """FSDP2 with CPU offload steps the optimizer on the host, next to its offloaded state: what the
+    optimizer's step allocates (step 1 creates the AdamW state there; foreach buffers) is not GPU
+    memory, and the GPU peak is the largest GPU part over time. Counting the step's allocations on
+    the GPU until they are tagged as optimizer state made step 1 the GPU peak, with the state in it."""
+    from unittest import mock
+
+    import slimtune.plan.simulate as sim
+
+    cfg = _cfg(tmp_path, ["method.name=full", "shard.strategy=fsdp2", "shard.cpu_offload=true",
+                          "train.activation_checkpointing=true", "model.overrides={num_hidden_layers: 6}",
+                          "data.max_seq_len=8", "train.micro_batch_size=1"])
+    result = simulate(cfg, world=2)
+    host = ("weights", "trainable", "optimizer", "grads")
+    with mock.patch.object(sim, "_host_memory", lambda cfg, world: (host, ())):  # the step's allocations on the GPU
+        on_gpu = simulate(cfg, world=2)
+    assert on_gpu.breakdown["optimizer"] > 0 and on_gpu.peak_bytes > result.peak_bytes
+    assert result.breakdown["optimizer"] == 0
+    backward = result.phases["backward"]["peak_breakdown"]
+    assert result.peak_bytes >= sum(backward.values()) - sum(backward[c] for c in host)
+    assert result.host_bytes > 0 and any("what the optimizer step allocates" in n for n in result.notes)
+
+
+def test_a_second_fsdp2_simulation_in_one_process_reports_the_same(tmp_path):
+    """DTensor's sharding propagation runs ops on fake tensors made from metadata, and caches its
+    answers per process. A real run makes them in a fake mode of its own (nothing allocated); so
+    does the simulation (``plan.fsdp2_sim.own_propagation_mode``): the first simulation, whose
+    propagation misses the cache, counts nothing more than the second, which hits it -- peaks,
+    breakdowns and every phase. Before, the first run's optimizer phase counted the propagation's
+    tensors (here 11.3 MB, a 0.9 MB model) and the GPU peak was that step's."""
+    from torch.distributed.tensor.debug import _clear_sharding_prop_cache
+
+    cfg = _cfg(tmp_path, ["method.name=full", "model.dtype=bfloat16", "shard.strategy=fsdp2",
+                          "train.activation_checkpointing=true"])
+    _clear_sharding_prop_cache()
+    first, second = simulate(cfg, world=2), simulate(cfg, world=2)
+    assert (first.peak_bytes, first.breakdown, first.phases) == (second.peak_bytes, second.breakdown, second.phases)
+    assert first.peak_bytes == first.phases["backward"]["peak_bytes"]  # not the optimizer step

@@ -117,8 +117,8 @@ def test_recipe_simulates_through_the_cli(config, gpus, capsys):
 
 def _cold_caches():
     """Both runs start as a fresh process does: DTensor's sharding propagation caches are
-    emptied too (a cache miss runs the propagation, whose fake tensors the tracker sees in the
-    optimizer phase: a second run in one process would read a smaller optimizer-phase peak)."""
+    emptied too (so that both runs do the same work; what they count does not depend on it, see
+    tests/unit/test_plan.py::test_a_second_fsdp2_simulation_in_one_process_reports_the_same)."""
     from torch.distributed.tensor.debug import _clear_sharding_prop_cache
 
     FakeTensorMode.cache.clear()

@@ -230,11 +230,11 @@ def _mlp_backward_work(spec: ModelSpec, inv: Inventory, cfg, sh: act.Shape, i: i
 def _mlp_weight_grads(inv: Inventory, cfg, world: int, i: int) -> int:
     """Weight gradients of layer ``i``'s MLP alive during its backward (before the next layers'):
     each ``param.grad`` in its own dtype; under FSDP2 unsharded (whole, in the all-gather
-    dtype) until the unit's reduce-scatter. Not with per-layer steps (a step frees each one),
-    nor under ZeRO-3 (its hooks move each into the reduce bucket as it is produced, counted
-    there) or with the optimizer on the CPU."""
-    if cfg.optim.per_layer or cfg.shard.strategy == "deepspeed_zero3" or (cfg.shard.strategy == "fsdp2" and
-                                                                         cfg.shard.cpu_offload):
+    dtype) until the unit's reduce-scatter -- also with CPU offload: the unsharded parameters
+    are on the GPU, so autograd produces their gradients there, and only the reduce-scattered
+    shard goes to the host. Not with per-layer steps (a step frees each one), nor under ZeRO-3
+    (its hooks move each into the reduce bucket as it is produced, counted there)."""
+    if cfg.optim.per_layer or cfg.shard.strategy == "deepspeed_zero3":
         return 0
     out = 0
     for p in inv.params:

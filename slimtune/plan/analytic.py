@@ -246,6 +246,80 @@ def _mlp_weight_grads(inv: Inventory, cfg, world: int, i: int) -> int:
     return out
 
 
+def _fsdp2_reduce(inv: Inventory, cfg) -> tuple[dict, dict, int]:
+    """FSDP2's gradients per unit (``"root"`` and each layer index): the unsharded gradients
+    autograd produces (in the all-gather dtype) and the reduce-scatter input ``foreach_reduce``
+    copies them into (in ``reduce_dtype``), and the root's unsharded gradients made at the head
+    (lm_head, final norm), held from the loss's backward until the root's own reduce-scatter at
+    the very end (the embedding's comes last)."""
+    grads: dict = {}
+    inputs: dict = {}
+    held = 0
+    red = BYTES[cfg.shard.reduce_dtype]
+    for p in inv.params:
+        if not p.trainable:
+            continue
+        e = BYTES[cfg.shard.param_dtype or p.dtype]
+        unit = "root" if p.layer is None else p.layer
+        grads[unit] = grads.get(unit, 0) + p.numel * e
+        inputs[unit] = inputs.get(unit, 0) + p.numel * red
+        if p.layer is None and "embed_tokens" not in p.name:
+            held += p.numel * e
+    return grads, inputs, held
+
+
+def _fsdp2_reduce_moments(inv: Inventory, cfg, world: int, spec: ModelSpec, sh: act.Shape, parts: dict, A: int,
+                          G_acc: int, ckpt: bool) -> dict[str, dict[str, int]]:
+    """The moments around FSDP2's reduce-scatters (less the static part and the batch). A layer's
+    ``post_backward`` reshards it, then copies its unsharded gradients into a reduce-scatter input
+    that FSDP2 keeps until the next unit's ``post_backward``; its ``pre_backward`` gathers it (the
+    copy-out from the flat all-gather buffer) and prefetches the previous layer (a new flat
+    buffer). So at the end of a layer's backward it holds its parameters and gradients unsharded,
+    the previous layer's flat all-gather buffer and the next layer's reduce-scatter input; at a
+    reduce-scatter the unit's own input is new (the previous one is let go first). The head's gradients are held unsharded
+    until the end; later layers' gradients are sharded. Three moments: the last layer's
+    reduce-scatter (most activations left), the end of the second layer's backward (every later
+    layer's gradient sharded, the first prefetched) and the root's reduce-scatter at the end of
+    backward (its unsharded gradients, the embedding's included)."""
+    from slimtune.plan.sharding import unit_bytes
+
+    grads, inputs, held = _fsdp2_reduce(inv, cfg)
+    ub = unit_bytes(inv.params, cfg, world)
+    root, layers = ub["root"], ub["layers"]
+    last = spec.num_layers - 1
+    local = _local_grads(inv, cfg, world)  # each unit's sharded gradients on this rank
+    dy = sh.E * sh.T * spec.hidden
+    kept = _ckpt_layer_bytes(spec, sh) if ckpt else None  # what one layer keeps for backward
+    a_last = A - parts["loss"] - parts["final"] - (kept if ckpt else parts["layers"][last])
+    second = min(1, last)
+    a_second = parts["rotary"] + parts["embed_ids"] + (0 if second == 0 else kept if ckpt else parts["layers"][0])
+    later = sum(v for k, v in local.items() if k != "root" and k > second)
+    return {
+        "backward (last layer reduce-scatter)": {
+            "grads": G_acc or held, "activations": a_last, "dy": dy, "reduce": grads.get(last, 0) + inputs.get(last, 0),
+            "gathered": root + layers.get(last - 1, 0)},
+        "backward (second layer)": {
+            "grads": G_acc or later + held, "activations": a_second, "dy": dy,
+            "reduce": grads.get(second, 0) + inputs.get(second + 1, 0),
+            "gathered": root + layers.get(second, 0) + layers.get(second - 1, 0)},
+        "backward (root reduce-scatter)": {
+            "grads": G_acc or sum(v for k, v in local.items() if k != "root"), "activations": 0, "dy": 0,
+            "reduce": grads.get("root", 0) + inputs.get("root", 0), "gathered": 0},
+    }
+
+
+def _local_grads(inv: Inventory, cfg, world: int) -> dict:
+    """Sharded gradient bytes per FSDP2 unit on this rank (none on the GPU with CPU offload)."""
+    if cfg.shard.cpu_offload:
+        return {}
+    out: dict = {}
+    for p in inv.params:
+        if p.trainable:
+            unit = "root" if p.layer is None else p.layer
+            out[unit] = out.get(unit, 0) + math.prod(_local_shape(p, cfg, world)) * BYTES[p.dtype]
+    return out
+
+
 def dequant_bytes(cfg, n: int, E: int) -> int:
     """Transient bytes of dequantizing one 4-bit weight of ``n`` elements for a matmul.
 
@@ -336,6 +410,10 @@ def estimate(cfg, world: int = 1, device: str = "cuda", assumptions: Assumptions
     }
     if per_layer_opt:
         moments["backward (per-layer step)"] = step_in_bwd
+    rs_parts = _fsdp2_reduce_moments(inv, cfg, world, spec, sh, parts, A, G_acc, ckpt) \
+        if cfg.shard.strategy == "fsdp2" and not per_layer_opt else {}
+    for name, part in rs_parts.items():
+        moments[name] = S + sum(part.values()) + batch
     moment = max(moments, key=moments.get)
     allocated = moments[moment]
     # ----- the composition of the peak moment
@@ -345,10 +423,22 @@ def estimate(cfg, world: int = 1, device: str = "cuda", assumptions: Assumptions
     items.append(Item("trainable", "trainable parameters", st["trainable"], "trainable"))
     items.append(Item("optimizer", f"optimizer state ({cfg.optim.name})", st["optimizer"], "optimizer"))
     items.append(Item("grad_partitions", "gradient partitions and reduce bucket (ZeRO-3)", st["grads_static"], "grads"))
+    if moment in rs_parts:
+        part = rs_parts[moment]
+        items += [Item("grads", "gradients", part["grads"], "grads"),
+                  Item("activations", "activations (checkpointed layer inputs)" if ckpt else
+                       "activations (saved for backward)", part["activations"], "activations"),
+                  Item("dy", "gradient of the layer input", part["dy"], "temporaries"),
+                  Item("reduce", "unsharded gradients and reduce-scatter inputs (fsdp2)", part["reduce"],
+                       "temporaries"),
+                  Item("gathered", "gathered parameters (fsdp2)", part["gathered"], "temporaries")]
     grads_now = {"optimizer step": G_step, "backward (first layer)": g_before_first, "backward (last layer)": G_acc + mlp_grads,
                  "backward (per-layer step)": G_acc + G_step}.get(moment, G_acc)
-    items.append(Item("grads", "gradients", grads_now, "grads"))
-    if moment != "optimizer step":
+    if moment not in rs_parts:
+        items.append(Item("grads", "gradients", grads_now, "grads"))
+    if moment in rs_parts:
+        pass
+    elif moment != "optimizer step":
         label = "activations (checkpointed layer inputs)" if ckpt else "activations (saved for backward)"
         a_now = {"backward (last layer)": a_layer, "backward (first layer)": a_first, "backward (per-layer step)": a_layer,
                  "forward (last layer)": A - parts["loss"] - parts["final"]}.get(moment, A)

@@ -441,3 +441,18 @@ def test_a_second_fsdp2_simulation_in_one_process_reports_the_same(tmp_path):
     first, second = simulate(cfg, world=2), simulate(cfg, world=2)
     assert (first.peak_bytes, first.breakdown, first.phases) == (second.peak_bytes, second.breakdown, second.phases)
     assert first.peak_bytes == first.phases["backward"]["peak_bytes"]  # not the optimizer step
+
+
+@pytest.mark.parametrize("offload", [False, True])
+def test_fsdp2_full_fine_tuning_analytic_matches_the_simulation_at_depth(offload, tmp_path):
+    """A full fine-tune under FSDP2 peaks around its reduce-scatters (a layer's unsharded gradients
+    next to the reduce-scatter input FSDP2 keeps until the next unit's, the previous layer's flat
+    all-gather buffer): with 6 layers the analytic plan (``plan.analytic._fsdp2_reduce_moments``)
+    is within 5% of ``--simulate``; without those moments it read 0.72 of it with offload."""
+    cfg = _cfg(tmp_path, ["method.name=full", "shard.strategy=fsdp2", f"shard.cpu_offload={str(offload).lower()}",
+                          "train.activation_checkpointing=true", "data.max_seq_len=8", "train.micro_batch_size=1",
+                          "model.overrides={num_hidden_layers: 6, intermediate_size: 384}"])
+    sim = simulate(cfg, world=2)
+    ana = estimate(cfg, world=2, device="cuda")
+    assert ana.allocated_peak == pytest.approx(sim.peak_bytes, rel=0.05), (ana.moments, sim.breakdown)
+    assert "reduce-scatter" in ana.moment or ana.moment == "backward (second layer)"

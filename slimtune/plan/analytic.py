@@ -269,7 +269,7 @@ def _fsdp2_reduce(inv: Inventory, cfg) -> tuple[dict, dict, int]:
 
 
 def _fsdp2_reduce_moments(inv: Inventory, cfg, world: int, spec: ModelSpec, sh: act.Shape, parts: dict, A: int,
-                          G_acc: int, ckpt: bool) -> dict[str, dict[str, int]]:
+                          G_acc: int, ckpt: bool, grad_units: dict) -> dict[str, dict[str, int]]:
     """The moments around FSDP2's reduce-scatters (less the static part and the batch). A layer's
     ``post_backward`` reshards it, then copies its unsharded gradients into a reduce-scatter input
     that FSDP2 keeps until the next unit's ``post_backward``; its ``pre_backward`` gathers it (the
@@ -287,7 +287,12 @@ def _fsdp2_reduce_moments(inv: Inventory, cfg, world: int, spec: ModelSpec, sh: 
     ub = unit_bytes(inv.params, cfg, world)
     root, layers = ub["root"], ub["layers"]
     last = spec.num_layers - 1
-    local = _local_grads(inv, cfg, world)  # each unit's sharded gradients on this rank
+    # each unit's sharded gradients on this rank (``_static``'s grad_units: none on the GPU with
+    # offload; the root's split into "head" and "embed")
+    local: dict = {}
+    for k, v in grad_units.items():
+        unit = "root" if k in ("head", "embed") else k
+        local[unit] = local.get(unit, 0) + v
     dy = sh.E * sh.T * spec.hidden
     kept = _ckpt_layer_bytes(spec, sh) if ckpt else None  # what one layer keeps for backward
     a_last = A - parts["loss"] - parts["final"] - (kept if ckpt else parts["layers"][last])
@@ -306,18 +311,6 @@ def _fsdp2_reduce_moments(inv: Inventory, cfg, world: int, spec: ModelSpec, sh: 
             "grads": G_acc or sum(v for k, v in local.items() if k != "root"), "activations": 0, "dy": 0,
             "reduce": grads.get("root", 0) + inputs.get("root", 0), "gathered": 0},
     }
-
-
-def _local_grads(inv: Inventory, cfg, world: int) -> dict:
-    """Sharded gradient bytes per FSDP2 unit on this rank (none on the GPU with CPU offload)."""
-    if cfg.shard.cpu_offload:
-        return {}
-    out: dict = {}
-    for p in inv.params:
-        if p.trainable:
-            unit = "root" if p.layer is None else p.layer
-            out[unit] = out.get(unit, 0) + math.prod(_local_shape(p, cfg, world)) * BYTES[p.dtype]
-    return out
 
 
 def dequant_bytes(cfg, n: int, E: int) -> int:
@@ -410,7 +403,7 @@ def estimate(cfg, world: int = 1, device: str = "cuda", assumptions: Assumptions
     }
     if per_layer_opt:
         moments["backward (per-layer step)"] = step_in_bwd
-    rs_parts = _fsdp2_reduce_moments(inv, cfg, world, spec, sh, parts, A, G_acc, ckpt) \
+    rs_parts = _fsdp2_reduce_moments(inv, cfg, world, spec, sh, parts, A, G_acc, ckpt, gu) \
         if cfg.shard.strategy == "fsdp2" and not per_layer_opt else {}
     for name, part in rs_parts.items():
         moments[name] = S + sum(part.values()) + batch
@@ -423,52 +416,48 @@ def estimate(cfg, world: int = 1, device: str = "cuda", assumptions: Assumptions
     items.append(Item("trainable", "trainable parameters", st["trainable"], "trainable"))
     items.append(Item("optimizer", f"optimizer state ({cfg.optim.name})", st["optimizer"], "optimizer"))
     items.append(Item("grad_partitions", "gradient partitions and reduce bucket (ZeRO-3)", st["grads_static"], "grads"))
+    act_label = "activations (checkpointed layer inputs)" if ckpt else "activations (saved for backward)"
     if moment in rs_parts:
         part = rs_parts[moment]
         items += [Item("grads", "gradients", part["grads"], "grads"),
-                  Item("activations", "activations (checkpointed layer inputs)" if ckpt else
-                       "activations (saved for backward)", part["activations"], "activations"),
+                  Item("activations", act_label, part["activations"], "activations"),
                   Item("dy", "gradient of the layer input", part["dy"], "temporaries"),
                   Item("reduce", "unsharded gradients and reduce-scatter inputs (fsdp2)", part["reduce"],
                        "temporaries"),
                   Item("gathered", "gathered parameters (fsdp2)", part["gathered"], "temporaries")]
-    grads_now = {"optimizer step": G_step, "backward (first layer)": g_before_first, "backward (last layer)": G_acc + mlp_grads,
-                 "backward (per-layer step)": G_acc + G_step}.get(moment, G_acc)
-    if moment not in rs_parts:
-        items.append(Item("grads", "gradients", grads_now, "grads"))
-    if moment in rs_parts:
-        pass
-    elif moment != "optimizer step":
-        label = "activations (checkpointed layer inputs)" if ckpt else "activations (saved for backward)"
-        a_now = {"backward (last layer)": a_layer, "backward (first layer)": a_first, "backward (per-layer step)": a_layer,
-                 "forward (last layer)": A - parts["loss"] - parts["final"]}.get(moment, A)
-        items.append(Item("activations", label, a_now, "activations"))
-        if moment == "forward (loss)":
-            items.append(Item("logits", "logits and loss (forward)", loss_fwd, "temporaries"))
-        elif moment == "forward (last layer)":
-            items.append(Item("dequant", "dequantized 4-bit weight (largest)", deq_fwd, "temporaries"))
-        elif moment == "backward (loss)":
-            items.append(Item("logits", "logits and loss (backward)", loss_bwd, "temporaries"))
-        elif moment in ("backward (last layer)", "backward (per-layer step)"):
-            if recompute:
-                items.append(Item("recompute", "recomputed layer (checkpointing)", recompute, "temporaries"))
-            if moment == "backward (last layer)":
-                items.append(Item("layer_work", "layer backward working set", mlp_work, "temporaries"))
-            else:
-                items.append(Item("layer_work", "layer backward working set",
-                                  E * sh.T * (spec.hidden + spec.layers[last].inter), "temporaries"))
-                items.append(Item("opt_temp", opt_temp["label"] + " (per-layer step in backward)", opt_temp["bytes"],
-                                  "temporaries"))
-        else:
-            if ckpt:
-                items.append(Item("recompute", "recomputed layer (checkpointing)", parts["layers"][0], "temporaries"))
-            items.append(Item("layer_work", "layer backward working set", _mlp_backward_work(spec, inv, cfg, sh, 0),
-                              "temporaries"))
-        g = gathered.get(moment, gathered["backward (last layer)"])
-        if g:
-            items.append(Item("gathered", f"gathered parameters ({cfg.shard.strategy})", g, "temporaries"))
     else:
-        if opt_temp["bytes"]:
+        grads_now = {"optimizer step": G_step, "backward (first layer)": g_before_first, "backward (last layer)": G_acc + mlp_grads,
+                     "backward (per-layer step)": G_acc + G_step}.get(moment, G_acc)
+        items.append(Item("grads", "gradients", grads_now, "grads"))
+        if moment != "optimizer step":
+            a_now = {"backward (last layer)": a_layer, "backward (first layer)": a_first, "backward (per-layer step)": a_layer,
+                     "forward (last layer)": A - parts["loss"] - parts["final"]}.get(moment, A)
+            items.append(Item("activations", act_label, a_now, "activations"))
+            if moment == "forward (loss)":
+                items.append(Item("logits", "logits and loss (forward)", loss_fwd, "temporaries"))
+            elif moment == "forward (last layer)":
+                items.append(Item("dequant", "dequantized 4-bit weight (largest)", deq_fwd, "temporaries"))
+            elif moment == "backward (loss)":
+                items.append(Item("logits", "logits and loss (backward)", loss_bwd, "temporaries"))
+            elif moment in ("backward (last layer)", "backward (per-layer step)"):
+                if recompute:
+                    items.append(Item("recompute", "recomputed layer (checkpointing)", recompute, "temporaries"))
+                if moment == "backward (last layer)":
+                    items.append(Item("layer_work", "layer backward working set", mlp_work, "temporaries"))
+                else:
+                    items.append(Item("layer_work", "layer backward working set",
+                                      E * sh.T * (spec.hidden + spec.layers[last].inter), "temporaries"))
+                    items.append(Item("opt_temp", opt_temp["label"] + " (per-layer step in backward)", opt_temp["bytes"],
+                                      "temporaries"))
+            else:
+                if ckpt:
+                    items.append(Item("recompute", "recomputed layer (checkpointing)", parts["layers"][0], "temporaries"))
+                items.append(Item("layer_work", "layer backward working set", _mlp_backward_work(spec, inv, cfg, sh, 0),
+                                  "temporaries"))
+            g = gathered.get(moment, gathered["backward (last layer)"])
+            if g:
+                items.append(Item("gathered", f"gathered parameters ({cfg.shard.strategy})", g, "temporaries"))
+        elif opt_temp["bytes"]:
             items.append(Item("opt_temp", opt_temp["label"], opt_temp["bytes"], "temporaries"))
     items.append(Item("batch", "token ids, labels, mask", batch, "temporaries"))
     items = [it for it in items if it.bytes]

@@ -185,11 +185,11 @@ def collect_tensors(obj: Any, _depth: int = 0) -> list[torch.Tensor]:
 class _Rec:
     """One live storage."""
 
-    __slots__ = ("nbytes", "category", "device", "seq", "host", "made_on_host")
+    __slots__ = ("nbytes", "category", "device", "seq", "made_on_host")
 
     def __init__(self, nbytes: int, category: str, device: str, seq: int):
         self.nbytes, self.category, self.device, self.seq = nbytes, category, device, seq
-        self.host = self.made_on_host = False  # see MemoryTracker(host_categories=, host_phases=)
+        self.made_on_host = False  # created inside a ``host_phases`` phase (see MemoryTracker)
 
 
 class _Peak:
@@ -358,8 +358,7 @@ class MemoryTracker(TorchDispatchMode):
     def reset_peak(self) -> None:
         """Start peak tracking afresh from the current live bytes (e.g. to measure step 2 alone)."""
         self._peak = _Peak(self._total, dict(self._current), self._seq)
-        self._device_peak, self._device_peak_host = _Peak(0, dict.fromkeys(CATEGORIES, 0), 0), 0
-        self._update_peaks()
+        self._device_peak, self._device_peak_host = self._device_now(), self._host_total
         self._phase_peaks = {}
         for name in self._active_phase_names():
             self._phase_peaks[name] = _Peak(self._total, dict(self._current), self._seq)
@@ -570,8 +569,8 @@ class MemoryTracker(TorchDispatchMode):
         rec = _Rec(nbytes, category, device, self._seq)
         if self._split:
             rec.made_on_host = any(frame.name in self._host_phases for frame in self._frames)
-            if rec.made_on_host or category in self._host_categories:
-                self._to_host(rec, 1)
+            if self._on_host(rec):
+                self._count_host(rec, 1)
         self._live[key] = rec
         self._current[category] += nbytes
         self._total += nbytes
@@ -586,8 +585,8 @@ class MemoryTracker(TorchDispatchMode):
             return
         del self._live[key]
         self._seq += 1
-        if rec.host:
-            self._to_host(rec, -1)
+        if self._split and self._on_host(rec):
+            self._count_host(rec, -1)
         self._current[rec.category] -= rec.nbytes
         self._total -= rec.nbytes
         if self._recorder is not None:
@@ -597,7 +596,7 @@ class MemoryTracker(TorchDispatchMode):
         if self._recorder is not None:
             self._recorder.append(("resize",))
         delta = size - rec.nbytes
-        if rec.host:
+        if self._split and self._on_host(rec):
             self._host_current[rec.category] += delta
             self._host_total += delta
         rec.nbytes = size
@@ -618,36 +617,39 @@ class MemoryTracker(TorchDispatchMode):
         # Re-attribute the recorded peaks this storage was alive for (it is alive now and was
         # created at rec.seq, so it was alive at any peak recorded since; the device peak only
         # where it was not in host memory, which it was since its creation or never).
-        peaks = (self._peak, *self._phase_peaks.values(), *(() if rec.host else (self._device_peak,)))
+        was_host = self._split and self._on_host(rec)
+        peaks = (self._peak, *self._phase_peaks.values(), *(() if was_host else (self._device_peak,)))
         for pk in peaks:
             if rec.seq <= pk.seq:
                 moved = min(rec.nbytes, pk.breakdown[old])
                 pk.breakdown[old] -= moved
                 pk.breakdown[category] += moved
-        was_host = rec.host
         if was_host:
-            self._to_host(rec, -1)
+            self._count_host(rec, -1)
         rec.category = category
-        if self._split and (rec.made_on_host or category in self._host_categories):
-            self._to_host(rec, 1)
+        if self._split and self._on_host(rec):
+            self._count_host(rec, 1)
         elif was_host:
             self._update_peaks()  # back from the host: on the device from now on
 
-    def _to_host(self, rec: _Rec, sign: int) -> None:
+    def _on_host(self, rec: _Rec) -> bool:
+        return rec.made_on_host or rec.category in self._host_categories
+
+    def _count_host(self, rec: _Rec, sign: int) -> None:
         """Count ``rec`` in (sign 1) or out of (sign -1) the host part."""
-        rec.host = sign > 0
         self._host_current[rec.category] += sign * rec.nbytes
         self._host_total += sign * rec.nbytes
+
+    def _device_now(self) -> _Peak:
+        host = self._host_current
+        return _Peak(self._total - self._host_total, {c: n - host[c] for c, n in self._current.items()}, self._seq)
 
     def _update_peaks(self) -> None:
         total = self._total
         if total > self._peak.bytes:
             self._peak = _Peak(total, dict(self._current), self._seq)
         if self._split and total - self._host_total > self._device_peak.bytes:
-            host = self._host_current
-            self._device_peak = _Peak(total - self._host_total, {c: n - host[c] for c, n in self._current.items()},
-                                      self._seq)
-            self._device_peak_host = self._host_total
+            self._device_peak, self._device_peak_host = self._device_now(), self._host_total
         if self._frames or torch._C._current_graph_task_id() != -1:
             for name in self._active_phase_names():
                 pk = self._phase_peaks.get(name)

@@ -113,15 +113,19 @@ def _host_memory(cfg, world: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
     return categories, (("optimizer",) if opt_off else ())
 
 
-def _quant_state_on_gpu(model: nn.Module, host_categories: tuple[str, ...]) -> int:
-    """bitsandbytes' quantization state is a plain attribute of the weight: parameter offload
-    leaves it on the GPU, where it stays throughout (so it is added to the GPU peak, whatever its
-    moment), although the tracker counts it with the offloaded weights."""
-    if "weights" not in host_categories:
-        return 0
-    from slimtune.launch.report import _quant_state_bytes
+def _gpu_peak(tracker, model: nn.Module, host_categories: tuple[str, ...]) -> tuple[int, dict[str, int], int]:
+    """The tracker's device peak (bytes, breakdown) and the host bytes at that moment, with
+    bitsandbytes' quantization state on the GPU: a plain attribute of the weight, which parameter
+    offload leaves there throughout (so it is added whatever the peak's moment), although the
+    tracker counts it with the offloaded weights."""
+    on_gpu = 0
+    if "weights" in host_categories:
+        from slimtune.launch.report import _quant_state_bytes
 
-    return sum(_quant_state_bytes(p) for p in model.parameters())
+        on_gpu = sum(_quant_state_bytes(p) for p in model.parameters())
+    breakdown = tracker.device_peak_breakdown
+    breakdown["weights"] += on_gpu
+    return tracker.device_peak_bytes + on_gpu, breakdown, tracker.device_peak_host_bytes - on_gpu
 
 
 # --------------------------------------------------------------------------- fake-mode helpers
@@ -676,16 +680,13 @@ def _simulate(cfg, world: int, steps: int, cuda_defaults: bool, fast_ops: bool) 
         if cfg.train.grad_accum > 2:
             notes.append(f"gradient accumulation: 2 of the {cfg.train.grad_accum} micro-batches of each step were run "
                          "(all were fetched, as the trainer does); micro-batches 3.. repeat the second one's memory")
-    on_gpu = _quant_state_on_gpu(model, host_categories)
-    gpu = tracker.device_peak_breakdown
-    gpu["weights"] += on_gpu
+    peak, gpu, host = _gpu_peak(tracker, model, host_categories)
     if host_categories:
         notes.append("CPU offload: what the run keeps in host memory (" + ", ".join(host_categories)
                      + (", and what the optimizer step allocates" if host_phases else "")
                      + ") is not counted in the GPU peak, the largest GPU part over time")
-    return SimResult(peak_bytes=tracker.device_peak_bytes + on_gpu, breakdown=gpu, phases=tracker.phase_peaks,
-                     world=world, seconds=time.perf_counter() - t0, notes=notes, tracked_bytes=tracker.peak_bytes,
-                     host_bytes=tracker.device_peak_host_bytes - on_gpu)
+    return SimResult(peak_bytes=peak, breakdown=gpu, phases=tracker.phase_peaks, world=world,
+                     seconds=time.perf_counter() - t0, notes=notes, tracked_bytes=tracker.peak_bytes, host_bytes=host)
 
 
 def measure_real(cfg, steps: int = 2, seed: int = 0) -> SimResult:
@@ -721,9 +722,6 @@ def measure_real(cfg, steps: int = 2, seed: int = 0) -> SimResult:
                 train_step(engine, cfg, model.config.vocab_size, tracker)
     finally:
         engine.close()
-    on_gpu = _quant_state_on_gpu(model, host_categories)
-    gpu = tracker.device_peak_breakdown
-    gpu["weights"] += on_gpu
-    return SimResult(peak_bytes=tracker.device_peak_bytes + on_gpu, breakdown=gpu, phases=tracker.phase_peaks,
-                     world=world, seconds=time.perf_counter() - t0, tracked_bytes=tracker.peak_bytes,
-                     host_bytes=tracker.device_peak_host_bytes - on_gpu)
+    peak, gpu, host = _gpu_peak(tracker, model, host_categories)
+    return SimResult(peak_bytes=peak, breakdown=gpu, phases=tracker.phase_peaks, world=world,
+                     seconds=time.perf_counter() - t0, tracked_bytes=tracker.peak_bytes, host_bytes=host)

@@ -32,9 +32,12 @@ the same outputs directly. Which ops, and what a key holds:
 * ``c10d`` collectives (fake process group) on fakes of the mode: their kernel runs directly under
   the mode's kernel invocation, as the mode itself would run it (they return their input tensors
   and a completed Work), without the mode's per-call argument checks.
+* A ``torch.Generator`` argument (LoRA's seeded init, ``kaiming_uniform_(generator=...)``) is keyed
+  by its device: a random op's output metadata never depends on the generator's state, and a fake
+  op draws nothing from it.
 * Only while ``fake_mode`` is the active fake mode (a factory op has no fake input to tell).
 * Any other argument (a ``FakeTensor`` of another mode or with a constant, a real tensor, a
-  wrapper subclass, a symbolic size, a generator or process group) sends the call to the fake
+  wrapper subclass, a symbolic size, a process group) sends the call to the fake
   mode unmemoized. An op whose recorded output does not fit its kind (a functional output that
   aliases an input or is not a fresh dense storage, a view of something else) is never memoized.
 
@@ -68,6 +71,7 @@ _RELATIVE_VIEWS = frozenset({"view", "_unsafe_view", "slice", "select", "narrow"
                              "split_with_sizes", "unbind", "_reshape_alias"})
 _PLAIN = frozenset({int, float, bool, str, type(None), torch.dtype, torch.device, torch.layout,
                     torch.memory_format})
+_GENERATOR = torch.Generator
 _STRIDED = torch.strided
 _META = torch.device("meta")
 _FAKE_SLOT = torch._C._TorchDispatchModeKey.FAKE
@@ -169,6 +173,8 @@ class _Memo:
                 parts.append(entry)
             elif tv in _PLAIN:
                 parts.append((tv, v))
+            elif tv is _GENERATOR:  # outputs' metadata never depends on its state (a random op's values do)
+                parts.append((tv, v.device))
             elif tv is list or tv is tuple:
                 parts.append((tv, len(v)))
                 if self._walk(v, parts, with_offsets) is _UNKEYED:

@@ -141,11 +141,12 @@ def _cached_torch_lookups() -> list:
 
 @contextlib.contextmanager
 def _no_full_collections() -> Iterator[None]:
-    """No automatic full (oldest-generation) garbage collection while simulating. Each one walks
-    every object of the 70B build -- modules, hooks, engine state, fake tensors -- about 0.3 s,
-    eight of them in a ZeRO-3 recipe; the young generations, where the simulation's short-lived
-    cycles die, are collected as before. Peaks, breakdowns and phases of every 70B recipe were
-    compared with and without: byte-identical (docs/planner.md)."""
+    """No automatic full (oldest-generation) garbage collection while simulating, and for the whole
+    ``slimtune plan`` command (``plan.cli.run``: its imports and the build made six more, about 1 s
+    of a ZeRO-3 recipe). Each one walks every object of the 70B build -- modules, hooks, engine
+    state, fake tensors -- about 0.3 s, eight of them in a ZeRO-3 recipe; the young generations,
+    where the simulation's short-lived cycles die, are collected as before. Peaks, breakdowns and
+    phases of every 70B recipe were compared with and without: byte-identical (docs/planner.md)."""
     import gc
 
     young, middle, old = gc.get_threshold()

@@ -49,6 +49,7 @@ def _program():
     flat = torch.empty(4096)
     w = torch.empty(6, 4, requires_grad=True)
     idx = torch.tensor([0, 2, 1])
+    gen = torch.Generator().manual_seed(0)
     results, inputs = [], [flat, w]
 
     def run(fn, *args):
@@ -73,6 +74,8 @@ def _program():
         run(lambda a: torch.index_select(a, 0, idx), x)
         run(lambda a: a.add_(1.0), x)
         run(lambda a: a.uniform_(), x)
+        run(lambda a: torch.nn.init.kaiming_uniform_(a, a=5 ** 0.5, generator=gen), x)  # LoRA's seeded init
+        run(lambda a: torch.randn(a.shape, generator=gen, dtype=torch.bfloat16), x)
         run(lambda a, b: a.copy_(b), x, torch.empty(8, 6, dtype=torch.float16))
         run(lambda a: torch.empty_like(a.t()), x)
         run(lambda a: a.new_zeros((3, 5)), x)

@@ -56,7 +56,7 @@ from collections.abc import Iterator
 import torch
 from torch._subclasses.fake_tensor import FakeTensor, in_kernel_invocation_manager
 
-__all__ = ["built_fresh", "call_op", "fast_fake_ops"]
+__all__ = ["also_memoize", "built_fresh", "call_op", "fast_fake_ops"]
 
 _FUNCTIONAL, _INPLACE, _OUT, _VIEW, _COLLECTIVE = "functional", "inplace", "out", "view", "collective"
 _VOID = "void"
@@ -78,6 +78,7 @@ _FAKE_SLOT = torch._C._TorchDispatchModeKey.FAKE
 _UNKEYED = object()  # an argument the memo does not key: the call goes to the fake mode
 
 _ACTIVE: list = [None]  # the memo in use (one per simulation)
+_ALSO: dict = {}  # id(mode) -> mode: further fake modes whose ops the memo in use answers (also_memoize)
 
 
 def _kind(func) -> str | None:
@@ -140,6 +141,7 @@ class _Memo:
         self.outputs: dict = {}  # (id(func), key) -> recipe | None (not memoizable)
         self.hits = 0
         self.misses = 0
+        self.others: dict = {}  # id(mode) -> _Memo of a mode registered by :func:`also_memoize`
         # the last call's output was built here from a functional recipe: new storages that no
         # input shares and nothing tracks yet (:func:`built_fresh`)
         self.fresh = False
@@ -354,7 +356,13 @@ class _Memo:
     # ---------------------------------------------------------------- call
     def __call__(self, func, args, kwargs):
         self.fresh = False
-        if torch._C._get_dispatch_mode(_FAKE_SLOT) is not self.mode:
+        mode = torch._C._get_dispatch_mode(_FAKE_SLOT)
+        if mode is not self.mode:
+            if _ALSO and id(mode) in _ALSO:  # a mode of :func:`also_memoize`: its own memo
+                other = self.others.get(id(mode))
+                if other is None:
+                    other = self.others[id(mode)] = _Memo(mode)
+                return other(func, args, kwargs)
             return func(*args, **kwargs)  # e.g. a factory call under ``unset_fake_temporarily``
         known = self.kinds.get(id(func))
         if known is None:
@@ -414,3 +422,19 @@ def fast_fake_ops(fake_mode) -> Iterator[_Memo]:
         yield memo
     finally:
         _ACTIVE[0] = previous
+
+
+@contextlib.contextmanager
+def also_memoize(mode) -> Iterator[None]:
+    """While entered, the :func:`fast_fake_ops` memo in use also answers the ops of another fake
+    mode, in a memo of that mode's own (its outputs are that mode's fakes; the tracker, which
+    counts only its own mode's, sees none of them). ``plan.fsdp2_sim.own_propagation_mode``:
+    DTensor's sharding propagation, whose fake tensors are one ``empty_strided`` per element of
+    every input and whose in-place foreach ops run over all of a model's LoRA tensors (1120 for a
+    70B model, about a dozen layouts)."""
+    _ALSO[id(mode)] = mode
+    try:
+        yield
+    finally:
+        del _ALSO[id(mode)]
+

@@ -3,6 +3,8 @@ its engine run there (:func:`fsdp2_patches`), and what a GPU does that the simul
 accelerator does not (:func:`host_shard_copies`)."""
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from unittest import mock
 
 from slimtune.memory.tracker import tensor_storages
@@ -22,17 +24,26 @@ def fsdp2_patches(world: int, notes: list[str]) -> list:
             own_propagation_mode()]
 
 
-def own_propagation_mode():
+@contextlib.contextmanager
+def own_propagation_mode() -> Iterator[None]:
     """DTensor's sharding propagation derives an op's output metadata by running it on fake tensors
     built from the inputs' metadata, in ``detect_fake_mode() or FakeTensorMode()``. In a real run no
     fake mode is active: a fresh one is made and nothing is allocated. While simulating, the
     simulation's own mode was detected, so those tensors were counted as the run's memory (on the
     tiny full fine-tune with FSDP2, 11.3 MB made in the optimizer step, on a model of 0.9 MB), and
     only where the propagation cache missed, so a second simulation in one process read lower. Here
-    it gets a fresh mode, as in a real run."""
+    it gets a mode of its own, as in a real run: one for the whole simulation rather than one per
+    call, so that ``memory.also_memoize`` can answer its ops. A first optimizer step over the 1120
+    LoRA DTensors of a 70B model propagates each foreach op once, building one fake tensor per
+    element and input and running the op over all of them: about 7 s of the FSDP2 recipe before."""
     import torch.distributed.tensor._sharding_prop as sharding_prop
+    from torch._subclasses.fake_tensor import FakeTensorMode
 
-    return mock.patch.object(sharding_prop, "detect_fake_mode", lambda *args, **kwargs: None)
+    from slimtune.memory.fast_ops import also_memoize
+
+    mode = FakeTensorMode()
+    with mock.patch.object(sharding_prop, "detect_fake_mode", lambda *args, **kwargs: mode), also_memoize(mode):
+        yield
 
 
 def host_shard_copies(engine, notes: list[str]) -> list:

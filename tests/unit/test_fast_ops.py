@@ -16,7 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from slimtune.config import load_config
 from slimtune.memory import MemoryTracker, fast_fake_ops
-from slimtune.memory.fast_ops import call_op
+from slimtune.memory.fast_ops import also_memoize, call_op
 from slimtune.plan.simulate import simulate
 
 TINY = ["model.preset=tiny-llama", "model.overrides={num_hidden_layers: 2, intermediate_size: 384}",
@@ -138,6 +138,29 @@ def test_memoized_fake_ops_give_the_outputs_fake_mode_gives():
             runs.append(_program())
         if memo_on:
             assert memo.hits > 100 and memo.misses > 0
+    assert runs[0] == runs[1]
+    assert all(d[0] == FakeTensor.__name__ for call in runs[1] for d in call)
+
+
+def test_also_memoize_answers_another_fake_mode_with_the_outputs_it_gives():
+    """DTensor's sharding propagation runs under a fake mode of its own (plan.fsdp2_sim): with
+    ``also_memoize`` its ops are answered by a memo of that mode, and give what that mode gives."""
+    runs = []
+    for also in (False, True):
+        FakeTensorMode.cache.clear()
+        main, other = FakeTensorMode(), FakeTensorMode()
+        with contextlib.ExitStack() as stack:
+            memo = stack.enter_context(fast_fake_ops(main))
+            if also:
+                stack.enter_context(also_memoize(other))
+            stack.enter_context(other)
+            stack.enter_context(_Through())
+            runs.append(_program())
+        assert memo.hits == memo.misses == 0  # the simulation's own memo answers only its mode
+        if also:
+            assert memo.others[id(other)].hits > 100
+        else:
+            assert not memo.others
     assert runs[0] == runs[1]
     assert all(d[0] == FakeTensor.__name__ for call in runs[1] for d in call)
 

@@ -20,6 +20,8 @@ the same outputs directly. Which ops, and what a key holds:
   ``empty_strided`` size at offset 0 (what ``FakeTensorMode``'s own cache hits build); the key
   holds each input's dtype, shape, strides, fake device, requires_grad and conj/neg/inference
   flags -- not its storage offset or size, which a functional op's output cannot depend on.
+* Foreach ops (``_foreach_*``), in place or returning new tensors: per element, each element's
+  layout keyed on its own; the fake mode runs once with one element of each layout not seen yet.
 * In-place ops on their first argument (``add_``, ``copy_``, ``uniform_``...): the output is
   that argument, as ``FakeTensorMode`` returns it.
 * ``out=`` ops: the output is the ``out`` argument, memoized only where the recorded call did not
@@ -324,6 +326,46 @@ class _Memo:
             self.hits += 1
         return None
 
+    def _foreach_functional(self, func, args, kwargs):
+        """A functional foreach op (``_foreach_sqrt``, ``_foreach_norm``...: one new tensor per
+        element, each computed from that element alone) on fakes: each output is built from a
+        recipe of its element's layout. The fake mode checks and computes every element on its own
+        (about 0.5 ms each); here it runs once per layout this memo has not seen, with one element
+        of each, and those outputs give the recipes. Adam's and the gradient clipping's foreach ops
+        over a 70B model's 1120 LoRA tensors have about a dozen layouts."""
+        lists = [i for i, a in enumerate(args) if type(a) is list or type(a) is tuple]
+        if kwargs or not lists or len({len(args[i]) for i in lists}) != 1:
+            return func(*args, **kwargs)
+        shared: list = []
+        if self._walk([a for i, a in enumerate(args) if i not in lists], shared, False) is _UNKEYED:
+            return func(*args, **kwargs)
+        recipes = self.outputs.setdefault((id(func), _FUNCTIONAL, tuple(shared)), {})
+        sigs, new = [], {}  # each element's layout; new layout -> index of one element with it
+        for j in range(len(args[lists[0]])):
+            parts: list = []
+            if self._walk([args[i][j] for i in lists], parts, False) is _UNKEYED:
+                return func(*args, **kwargs)
+            sig = tuple(parts)
+            sigs.append(sig)
+            if sig not in recipes and sig not in new:
+                new[sig] = j
+        if new:
+            picked = list(new.values())
+            out = func(*[[a[j] for j in picked] if i in lists else a for i, a in enumerate(args)])
+            self.misses += 1
+            if type(out) is not list or len(out) != len(picked):
+                return func(*args, **kwargs)  # not the op this path assumes: run it whole
+            found = {}
+            for (sig, j), o in zip(new.items(), out):
+                recipe = self._record(_FUNCTIONAL, False, [args[i][j] for i in lists], {}, o, None)
+                if recipe is None:
+                    return func(*args, **kwargs)  # e.g. an output aliasing its element: run it whole
+                found[sig] = recipe
+            recipes.update(found)
+        else:
+            self.hits += 1
+        return [self._build(recipes[sig], (), {}) for sig in sigs]
+
     # ---------------------------------------------------------------- collectives
     def _fakes_of_mode(self, values) -> bool | None:
         """True when every tensor in ``values`` is a plain fake of this mode; None otherwise."""
@@ -367,16 +409,18 @@ class _Memo:
         known = self.kinds.get(id(func))
         if known is None:
             kind = _kind(func)
-            # second slot: a relative view, or a foreach op among the void ones (checked per element)
-            known = self.kinds[id(func)] = (kind, func._opname in _RELATIVE_VIEWS if kind is _VIEW
-                                            else kind is _VOID and func._opname.startswith("_foreach_"), func)
+            # second slot: a relative view, or a foreach op among the void or functional ones (per element)
+            known = self.kinds[id(func)] = (
+                kind, func._opname in _RELATIVE_VIEWS if kind is _VIEW
+                else kind in (_VOID, _FUNCTIONAL) and func._opname.startswith("_foreach_"), func)
         kind, relative, _ = known
         if kind is None:
             return func(*args, **kwargs)
         if kind is _COLLECTIVE:
             return self._collective(func, args, kwargs)
-        if kind is _VOID and relative:
-            return self._foreach_void(func, args, kwargs)
+        if relative and kind is not _VIEW:
+            return self._foreach_void(func, args, kwargs) if kind is _VOID else \
+                self._foreach_functional(func, args, kwargs)
         key = self._key(kind, relative, args, kwargs)
         if key is _UNKEYED:
             return func(*args, **kwargs)

@@ -37,8 +37,8 @@ Speed (a 70B recipe is a few hundred thousand fake ops): nothing is skipped or e
 every layer of every micro-batch runs. What is made cheaper is the cost per op:
 ``memory.fast_fake_ops`` memoizes fake ops one level above ``FakeTensorMode`` (keys without the
 storage offsets a functional op cannot depend on, outputs built directly; a view's first call runs
-its meta kernel directly; ops that return nothing are answered once per layout, in-place foreach
-ops once per distinct element layout; ``c10d`` collectives run their fake-process-group kernel
+its meta kernel directly; ops that return nothing are answered once per layout, foreach ops (in
+place or not) once per distinct element layout; ``c10d`` collectives run their fake-process-group kernel
 without the mode's per-call checks); the tracker and
 :func:`_fast_device_mode` answer ``prim.device`` (about 60% of dispatches) in place and pass views
 through; and ``memory.fast_fake_cache_keys`` computes ``FakeTensorMode``'s own cache keys in one

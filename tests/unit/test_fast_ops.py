@@ -110,6 +110,13 @@ def _program():
         run(lambda a, b: torch._foreach_addcdiv_(ys, ys, ys, [1.0, 2.0, 3.0, 4.0]) or ys, x, w)
         run(lambda a, b: torch._foreach_mul_(ys, 2.0) or ys, x, w)
         run(lambda a: torch._foreach_sqrt(ys), x)
+        # functional foreach ops: outputs built per element layout (repeated layouts among them)
+        zs = [x, x.clone(), x.t().contiguous(), x[:, :2].clone(), x]
+        run(lambda a: torch._foreach_norm(zs), x)
+        run(lambda a: torch._foreach_add(zs, zs), x)
+        run(lambda a: torch._foreach_div(zs, [1.0, 2.0, 3.0, 4.0, 5.0]), x)
+        run(lambda a: torch._foreach_mul(zs, a.new_ones(())), x)
+        run(lambda a: torch._foreach_sqrt(zs + [a.to(torch.bfloat16)]), x)
         outs = [torch.empty(16), torch.empty(32)]
         run(lambda a: torch.split_with_sizes_copy(a.reshape(-1), [16, 32], out=outs) or outs, x)
     return results

@@ -290,6 +290,32 @@ class _Memo:
                 return FakeTensor(self.mode, raw, source.fake_device)
             return type(raw)(FakeTensor(self.mode, r, source.fake_device) for r in raw)
 
+    def _elements(self, func, kind, args, kwargs, empty):
+        """A foreach call's per-element keys: ``(lists, known, sigs, new)`` -- the positions of its
+        per-element list arguments; this memo's entry for the op and its other arguments (``empty()``
+        the first time); each element's layout; one element index per layout the entry lacks --
+        or None where the call cannot be keyed (it then goes to the fake mode whole)."""
+        lists = [i for i, a in enumerate(args) if type(a) is list or type(a) is tuple]
+        if kwargs or not lists or len({len(args[i]) for i in lists}) != 1:
+            return None
+        shared: list = []
+        if self._walk([a for i, a in enumerate(args) if i not in lists], shared, False) is _UNKEYED:
+            return None
+        key = (id(func), kind, tuple(shared))
+        known = self.outputs.get(key)
+        if known is None:
+            known = self.outputs[key] = empty()
+        sigs, new = [], {}  # each element's layout; new layout -> index of one element with it
+        for j in range(len(args[lists[0]])):
+            parts: list = []
+            if self._walk([args[i][j] for i in lists], parts, False) is _UNKEYED:
+                return None
+            sig = tuple(parts)
+            sigs.append(sig)
+            if sig not in known and sig not in new:
+                new[sig] = j
+        return lists, known, sigs, new
+
     def _foreach_void(self, func, args, kwargs):
         """An in-place foreach op (``_foreach_addcmul_``...: nothing returned, nothing allocated) on
         fakes: what ``FakeTensorMode`` does with it is check each element on its own (each
@@ -298,21 +324,10 @@ class _Memo:
         fake mode with only the elements whose layout this memo has not seen, one of each. DTensor's
         sharding propagation runs such ops over all of a model's LoRA tensors (1120 for 70B) once
         per optimizer step kind; they have about a dozen distinct layouts."""
-        lists = [i for i, a in enumerate(args) if type(a) is list or type(a) is tuple]
-        if kwargs or not lists or len({len(args[i]) for i in lists}) != 1:
+        keyed = self._elements(func, _VOID, args, kwargs, set)
+        if keyed is None:
             return func(*args, **kwargs)
-        shared: list = []
-        if self._walk([a for i, a in enumerate(args) if i not in lists], shared, False) is _UNKEYED:
-            return func(*args, **kwargs)
-        seen = self.outputs.setdefault((id(func), _VOID, tuple(shared)), set())
-        new: dict = {}  # element layout -> index of one element with it
-        for j in range(len(args[lists[0]])):
-            parts: list = []
-            if self._walk([args[i][j] for i in lists], parts, False) is _UNKEYED:
-                return func(*args, **kwargs)
-            sig = tuple(parts)
-            if sig not in seen and sig not in new:
-                new[sig] = j
+        lists, seen, _, new = keyed
         if new:
             picked = list(new.values())
             sub = [[a[j] for j in picked] if i in lists else a for i, a in enumerate(args)]
@@ -333,22 +348,10 @@ class _Memo:
         (about 0.5 ms each); here it runs once per layout this memo has not seen, with one element
         of each, and those outputs give the recipes. Adam's and the gradient clipping's foreach ops
         over a 70B model's 1120 LoRA tensors have about a dozen layouts."""
-        lists = [i for i, a in enumerate(args) if type(a) is list or type(a) is tuple]
-        if kwargs or not lists or len({len(args[i]) for i in lists}) != 1:
+        keyed = self._elements(func, _FUNCTIONAL, args, kwargs, dict)
+        if keyed is None:
             return func(*args, **kwargs)
-        shared: list = []
-        if self._walk([a for i, a in enumerate(args) if i not in lists], shared, False) is _UNKEYED:
-            return func(*args, **kwargs)
-        recipes = self.outputs.setdefault((id(func), _FUNCTIONAL, tuple(shared)), {})
-        sigs, new = [], {}  # each element's layout; new layout -> index of one element with it
-        for j in range(len(args[lists[0]])):
-            parts: list = []
-            if self._walk([args[i][j] for i in lists], parts, False) is _UNKEYED:
-                return func(*args, **kwargs)
-            sig = tuple(parts)
-            sigs.append(sig)
-            if sig not in recipes and sig not in new:
-                new[sig] = j
+        lists, recipes, sigs, new = keyed
         if new:
             picked = list(new.values())
             out = func(*[[a[j] for j in picked] if i in lists else a for i, a in enumerate(args)])

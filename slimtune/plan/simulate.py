@@ -45,7 +45,9 @@ through; and ``memory.fast_fake_cache_keys`` computes ``FakeTensorMode``'s own c
 tuple per tensor. Two more remove work that allocates nothing a tracker would see differently:
 ``memory.fast_strided_shard_flag`` (FSDP2) makes one quadratic scan of DTensor's foreach sharding
 propagation linear, ``memory.fast_foreach_strategies`` (FSDP2) computes its per-element strategies
-once per distinct element, and :func:`replay_nf4_dequant` (torchao NF4) repeats the tracker events of
+once per distinct element, DTensor's sharding propagation runs in one fake mode of its own
+whose ops the memo answers too (``plan.fsdp2_sim.own_propagation_mode``, ``memory.also_memoize``),
+and :func:`replay_nf4_dequant` (torchao NF4) repeats the tracker events of
 torchao's dequantization, recorded once per weight layout, instead of re-running its 20-odd fake
 ops 9 times per linear per step (``memory.replay_pure_calls``); ZeRO-3's parameter-release rule is
 answered from an index of its trace (``plan.zero3_sim.fast_release``). And the interpreter's own

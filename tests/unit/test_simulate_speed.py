@@ -195,6 +195,61 @@ def test_plain_mapping_of_foreach_arguments_matches_pytree():
         _map_plain((torch.Size([2, 3]),), TupleStrategy, pick)  # a pytree node type it does not know
 
 
+def test_schema_meta_with_scalar_lists_matches_torch():
+    """``fast_foreach_strategies`` converts ``OpSchema.args_meta`` / ``kwargs_meta`` with a list of
+    plain numbers copied whole, once known (``_plain_numbers``): the same values and container types
+    as torch's property, for per-element schemas that share the foreach op's ScalarList; torch's
+    properties are back afterwards."""
+    from torch.distributed.tensor._dtensor_spec import TensorMeta
+    from torch.distributed.tensor._op_schema import OpSchema, OpStrategy, TupleStrategy
+
+    import slimtune.memory.fast_dtensor as fd
+    from slimtune.memory import fast_foreach_strategies
+
+    meta = TensorMeta(torch.Size([4, 2]), (2, 1), torch.float32)
+    strategy = OpStrategy([])  # its tensor meta (a property of its first spec) is patched below
+    scalars = [0.5, 1, True]
+    schemas = [OpSchema(torch.ops.aten.div_.Tensor, (strategy, scalars, (1.0, [2, strategy]), torch.Size([3]),
+                                                   TupleStrategy([strategy])), {"alpha": [0.1, 0.2], "t": strategy})
+               for _ in range(3)]
+    with mock.patch.object(OpStrategy, "tensor_meta", meta, create=True):
+        ref = [(s.args_meta, s.kwargs_meta) for s in schemas]
+        with fast_foreach_strategies(), mock.patch.object(fd, "_plain_numbers", wraps=fd._plain_numbers) as asked:
+            ours = [(s.args_meta, s.kwargs_meta) for s in schemas]
+        assert asked.call_count >= 3 * 3  # each schema's ScalarList, its inner list and the kwarg list
+        after = [(s.args_meta, s.kwargs_meta) for s in schemas]
+    assert ours == ref == after
+    for (args, kwargs), (rargs, rkwargs) in zip(ours, ref):
+        assert [type(a) for a in args] == [type(a) for a in rargs]
+        assert args[1] is not scalars and type(args[2][1]) is list and type(kwargs["alpha"]) is list
+    assert "args_meta" in OpSchema.__dict__ and OpSchema.__dict__["args_meta"].fget.__module__ == OpSchema.__module__
+
+
+def test_linear_duplicate_parameter_check_answers_as_deepspeed():
+    """ZeRO-3's engine build runs ``_check_for_duplicates`` in linear time while simulating: it
+    passes and fails where DeepSpeed's own does, with the same message."""
+    from types import SimpleNamespace
+
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    from slimtune.plan.zero3_sim import _check_for_duplicates
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    a, b, c, d = model.parameters()
+    engine = SimpleNamespace(module=model)
+    for groups in ([[a, b], [c, d]], [[a, c]], [[a, b], [c, a]], [[a, a, d]], [[], [d], [d]]):
+        optimizer = SimpleNamespace(param_groups=[{"params": g} for g in groups])
+        outcomes = []
+        for check in (DeepSpeedEngine._check_for_duplicates, _check_for_duplicates):
+            try:
+                check(engine, optimizer)
+                outcomes.append(None)
+            except AssertionError as err:
+                outcomes.append(str(err))
+        assert outcomes[0] == outcomes[1], groups
+    assert outcomes[0] and "3.bias" not in outcomes[0] and "1.bias" in outcomes[0]
+
+
 @pytest.mark.parametrize("overrides", [
     ["method.name=lora", "quant.name=nf4", "quant.quant_storage=bfloat16", "model.dtype=bfloat16",
      "quant.compute_dtype=bfloat16", "train.activation_checkpointing=true", "train.grad_accum=2",

@@ -73,8 +73,9 @@ def fast_foreach_strategies() -> Iterator[None]:
     corrections of ``_foreach_div_`` and ``_foreach_addcdiv_``): rebuilding it for each element (in
     ``_map_plain`` and in ``OpSchema.args_meta`` / ``kwargs_meta``, which torch converts item by
     item in Python) is N x N Python steps per op, about 2 s of the first optimizer step of a 70B
-    FSDP2 recipe. A list or tuple of plain numbers is recognised once (by identity, held while the
-    context lasts) and copied whole (``_plain_numbers``); the copies are equal to torch's.
+    FSDP2 recipe. A list or tuple of plain numbers is recognised once (by identity; the last 256
+    such answers are held, ``_remember``) and copied whole (``_plain_numbers``); the copies are
+    equal to torch's.
     Sharding propagation chooses the same shardings; no tensor is allocated by it. Written here
     because torch has no switch for it.
     """
@@ -169,7 +170,7 @@ def _plain_numbers(x, numbers: dict) -> bool:
     propagation changes such a list in place."""
     entry = numbers.get(id(x))
     if entry is None or entry[0] is not x:
-        entry = numbers[id(x)] = (x, all(type(v) in (int, float, bool) for v in x))
+        entry = _remember(numbers, x, all(type(v) in (int, float, bool) for v in x))
     return entry[1]
 
 
@@ -177,8 +178,21 @@ def _copy_numbers(x, numbers: dict):
     """A copy of ``x`` (plain numbers, same type), known to :func:`_plain_numbers` as such: the
     per-element schema built with it is converted next (``args_meta``)."""
     copy = type(x)(x)
-    numbers[id(copy)] = (copy, True)
+    _remember(numbers, copy, True)
     return copy
+
+
+_REMEMBERED = 256  # lists held at most: each element's copies are asked about right after they are made
+
+
+def _remember(numbers: dict, x, answer: bool) -> tuple:
+    """Record ``answer`` for ``x``; past ``_REMEMBERED`` lists the record starts over (a list asked
+    about again is checked again), so the copies of a 70B optimizer step's ScalarLists (N of N
+    numbers per foreach op) are not all held."""
+    if len(numbers) >= _REMEMBERED:
+        numbers.clear()
+    entry = numbers[id(x)] = (x, answer)
+    return entry
 
 
 def _map_plain(x, tuple_strategy, func, numbers: dict | None = None):

@@ -53,3 +53,33 @@ def _eager_bitsandbytes(request):
 
     with torch._dynamo.config.patch(disable=True):
         yield
+
+
+def _language_namespaces():
+    """Where Triton's interpreter rebinds ``triton.language`` builtins while a kernel runs."""
+    if importlib.util.find_spec("triton") is None:
+        return []
+    import triton.language as tl
+
+    return [tl, tl.core, tl.math, tl.core.tensor, tl.core.tensor_descriptor_base]
+
+
+@pytest.fixture(autouse=True)
+def _triton_language_restored():
+    """Undo what Triton's interpreter leaves patched after a test.
+
+    Triton 3.9's interpreter rebinds the ``triton.language`` builtins for the length of a kernel
+    and restores them, but a device function called from it (``InterpretedFunction.__call__``,
+    e.g. ``tl.standard``'s helpers inside Liger's cross-entropy kernel) rebinds
+    ``triton.language.core``'s module functions again and never restores them. Any later
+    ``triton.compile`` in the same process (``test_compile_sm90``) then runs the interpreter's
+    builder on real IR values and fails, unless Triton's on-disk cache already holds the result.
+    Nothing in slimtune can fix that; the tests put the namespaces back as they found them."""
+    before = [(ns, dict(vars(ns))) for ns in _language_namespaces()]
+    yield
+    for ns, saved in before:
+        for name in [n for n in vars(ns) if n not in saved]:
+            delattr(ns, name)
+        for name, value in saved.items():
+            if vars(ns).get(name) is not value:
+                setattr(ns, name, value)

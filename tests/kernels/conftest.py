@@ -61,7 +61,9 @@ def _language_namespaces():
         return []
     import triton.language as tl
 
-    return [tl, tl.core, tl.math, tl.core.tensor, tl.core.tensor_descriptor_base]
+    # tensor_descriptor_base is newer than the oldest Triton the extras allow (3.0).
+    spaces = (tl, tl.core, tl.math, tl.core.tensor, getattr(tl.core, "tensor_descriptor_base", None))
+    return [ns for ns in spaces if ns is not None]
 
 
 @pytest.fixture(autouse=True)
